@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything luo needs on a fresh Debian 12 machine (root), builds the test guest,
+# and creates .venv at the repository root with luo installed in it. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for p in swig device-tree-compiler gcc make binutils; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || true
+  apt-get install -y -q "${need[@]}" >/dev/null
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+if [ -f guest/Makefile ]; then
+  make -s -C guest
+fi

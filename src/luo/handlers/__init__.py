@@ -1,0 +1,1 @@
+"""luo.handlers"""
