@@ -111,7 +111,9 @@ def _parse_session(reader: FdtReader, node: Node) -> SessionRecord:
     p = _Props(reader, node)
     name = p.string("session-name")
     if node.name != node_name_for(name):
-        raise bad(f"session node {node.path} holds name {name!r}; its node name must be {node_name_for(name)!r}.")
+        raise bad(
+            f"session node {node.path} holds name {name!r}; its node name must be {node_name_for(name)!r}."
+        )
     return SessionRecord(name=name, files=_parse_files(reader, node), meta=_meta(p, SESSION_PROPS))
 
 

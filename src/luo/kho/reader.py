@@ -57,12 +57,16 @@ class FdtReader:
             raise bad(f"the handover tree must be bytes, not {type(blob).__name__}.")
         data = bytes(blob)
         if len(data) < FDT_HEADER_SIZE:
-            raise bad(f"the handover tree is {len(data)} bytes long, shorter than a DTB header ({FDT_HEADER_SIZE}).")
+            raise bad(
+                f"the handover tree is {len(data)} bytes long, shorter than a DTB header ({FDT_HEADER_SIZE})."
+            )
         magic, totalsize = struct.unpack(">II", data[:8])
         if magic != FDT_MAGIC:
             raise bad(f"the handover tree is not a DTB: bad magic {magic:#010x} (want {FDT_MAGIC:#010x}).")
         if totalsize > len(data):
-            raise bad(f"the handover tree is truncated: its header says {totalsize} bytes, {len(data)} are present.")
+            raise bad(
+                f"the handover tree is truncated: its header says {totalsize} bytes, {len(data)} are present."
+            )
         self._buf = bytearray(data[:totalsize])
         err = libfdt.fdt_check_full(self._buf, totalsize)
         if err != 0:

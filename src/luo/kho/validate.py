@@ -51,7 +51,9 @@ def _check_meta(meta: object, where: str) -> None:
         raise _bad(f"{where}: meta must be a dict of strings.")
     for key, value in meta.items():
         if not isinstance(key, str) or not is_prop_name(key):
-            raise _bad(f"{where}: meta key {key!r} is not a valid property name (letters, digits, ',._+?#-').")
+            raise _bad(
+                f"{where}: meta key {key!r} is not a valid property name (letters, digits, ',._+?#-')."
+            )
         _check_text(value, f"{where}: meta {key!r}")
 
 
