@@ -1,0 +1,3 @@
+from luo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The ``luo`` command: luoctl's verbs plus the host, updates, KHO dumps and VMs.
+
+Every failure is one line naming the errno and a sentence, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from typing import Any
+
+from luo.errors import LuoError
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from luo.client import Client
+
+    return Client(args.runtime_dir, timeout=args.connect_timeout)
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from luo.host.main import run_host
+
+    return run_host(args.runtime_dir, args.successor)
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        print(c.state.label)
+    return 0
+
+
+def cmd_event(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        getattr(c, args.command)()
+        print(c.state.label)
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from luo.client.update import update
+
+    result = update(args.runtime_dir, to=args.to, timeout=args.timeout, connect_timeout=args.connect_timeout)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_update(result))
+    return 0
+
+
+def format_update(r: dict[str, Any]) -> str:
+    lines = [f"updated: host pid {r['old_pid']} -> {r['new_pid']}, liveupdate-number {r['liveupdate_number']}, "
+             f"total {r['total_ms']:.1f} ms"]
+    lines.append("  phases: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["phases_ms"].items()))
+    for name, vm in sorted(r.get("vms", {}).items()):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in vm.get("parts_ms", {}).items())
+        lines.append(f"  vm {name}: blackout {vm['blackout_ms']:.2f} ms ({parts})")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    from luo.host.status_text import format_status
+
+    print(format_status(st))
+    return 0
+
+
+def cmd_kho_dump(args: argparse.Namespace) -> int:
+    which = "outgoing" if args.outgoing else "incoming"
+    with _client(args) as c:
+        reply, _ = c.call("kho_dump", which=which)
+    blob = base64.b64decode(reply["blob"])
+    if args.raw:
+        sys.stdout.buffer.write(blob)
+        sys.stdout.flush()
+        return 0
+    from luo.kho import to_dts
+
+    sys.stdout.write(to_dts(blob))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="luo", description="live update for hypervisor hosts")
+    p.add_argument("--runtime-dir", default=None, help="runtime dir (else $LUO_RUNTIME_DIR, else /run/luo)")
+    p.add_argument("--connect-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    h = add("host", cmd_host, "run the host daemon (luod)")
+    h.add_argument("--successor", type=int, default=None, help=argparse.SUPPRESS)
+    add("state", cmd_state, "print the LUO state")
+    for ev in ("prepare", "freeze", "cancel", "finish"):
+        add(ev, cmd_event, f"send the {ev} event")
+    u = add("update", cmd_update, "live-update the host (prepare, freeze, handover)")
+    u.add_argument("--to", default=None, help="the luo command of the version to update to")
+    u.add_argument("--json", action="store_true")
+    u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the successor's confirmation")
+    s = add("status", cmd_status, "show state, preserved fds, sessions and VMs")
+    s.add_argument("--json", action="store_true")
+    k = add("kho", lambda a: 2, "KHO tree")
+    ksub = k.add_subparsers(dest="kho_command", required=True)
+    d = ksub.add_parser("dump", help="print the KHO tree as dts")
+    d.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--incoming", action="store_true")
+    g.add_argument("--outgoing", action="store_true")
+    d.add_argument("--raw", action="store_true", help="write the DTB itself to stdout")
+    d.set_defaults(fn=cmd_kho_dump)
+    try:
+        from luo.vmm.cli import add_vm_commands
+    except ImportError:
+        pass
+    else:
+        add_vm_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except LuoError as e:
+        print(f"luo {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        print(f"luo {args.command}: {os.strerror(e.errno or 5)}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,183 @@
+"""luod: the host daemon. Owns the orchestrator and serves the control socket.
+
+One thread, one selector: every request is handled and answered in one step of the loop, and
+the host only ever exits between steps (after a confirmed handover). libluo relies on this to
+retry a request whose connection broke before any reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from luo.core.orchestrator import Orchestrator
+from luo.core.states import State
+from luo.errors import LuoError
+from luo.host.credentials import Peer
+from luo.host.runtime import RuntimeDir
+from luo.host.wire import error_reply, ok, recv_msg, send_msg
+
+log = logging.getLogger("luod")
+
+Reply = tuple[dict[str, Any], list[int]]
+
+
+@dataclass
+class Conn:
+    sock: socket.socket
+    peer: Peer
+    session: Any = None  # a core SessionHandle when this socket is a session fd
+    on_close: Callable[[], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Host:
+    def __init__(self, runtime: RuntimeDir, orch: Orchestrator, listener: socket.socket,
+                 *, incoming_blob: bytes | None = None) -> None:
+        self.runtime = runtime
+        self.orch = orch
+        self.listener = listener
+        self.incoming_blob = incoming_blob
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Conn] = {}
+        self.deferred_session_closes: list[Any] = []
+        self.exit_after_step = False
+        self.last_update: dict[str, Any] | None = None
+        self.extensions: list[Any] = []  # e.g. the VM supervisor: status() and ops
+        self.ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
+        self.session_ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
+        from luo.host import ops
+
+        ops.install(self)
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, None)
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def publish_state(self) -> None:
+        self.runtime.write_state(self.orch.state.label)
+
+    def close_released(self) -> None:
+        for fd in self.orch.take_released_fds():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def add_conn(self, sock: socket.socket, peer: Peer, **kw: Any) -> Conn:
+        sock.setblocking(True)
+        c = Conn(sock, peer, **kw)
+        self.conns[sock.fileno()] = c
+        self.sel.register(sock, selectors.EVENT_READ, c)
+        return c
+
+    def drop_conn(self, c: Conn) -> None:
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        self.conns.pop(c.sock.fileno(), None)
+        c.sock.close()
+        if c.session is not None:
+            self.close_session(c.session)
+        if c.on_close:
+            c.on_close()
+
+    def close_session(self, handle: Any) -> None:
+        """A session fd was closed: unpreserve (outgoing) or finish (incoming), as in 6.19."""
+        try:
+            self.orch.close_session(handle)
+        except LuoError as e:
+            if e.errno == errno.EBUSY:
+                log.info("session %s closed while %s; unpreserving after the update settles",
+                         getattr(handle, "name", "?"), self.orch.state.label)
+                self.deferred_session_closes.append(handle)
+            elif e.errno not in (errno.ENOENT, errno.EINVAL):
+                log.warning("closing session %s: %s", getattr(handle, "name", "?"), e)
+        self.close_released()
+
+    def settle(self) -> None:
+        """Run what had to wait for NORMAL/UPDATED (session closes during an update)."""
+        if self.orch.state in (State.NORMAL, State.UPDATED) and self.deferred_session_closes:
+            pending, self.deferred_session_closes = self.deferred_session_closes, []
+            for h in pending:
+                self.close_session(h)
+        self.publish_state()
+
+    # -- the loop ----------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        self.publish_state()
+        self.runtime.write_pid(os.getpid())
+        log.info("luod %d serving %s in state %s", os.getpid(), self.runtime.socket, self.orch.state.label)
+        while not self.exit_after_step:
+            for key, _ in self.sel.select(timeout=None):
+                if key.data is None:
+                    self.accept()
+                else:
+                    self.step(key.data)
+                if self.exit_after_step:
+                    break
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.add_conn(sock, Peer.of(sock))
+
+    def step(self, c: Conn) -> None:
+        try:
+            got = recv_msg(c.sock)
+        except LuoError as e:
+            self.reply(c, error_reply(e), [])
+            return
+        except OSError:
+            got = None
+        if got is None:
+            self.drop_conn(c)
+            return
+        msg, fds = got
+        try:
+            reply, out_fds = self.dispatch(c, msg, fds)
+        except LuoError as e:
+            reply, out_fds = error_reply(e), []
+        except Exception as e:  # a bug must not take the preserved state down with it
+            log.exception("request %r failed", msg.get("op"))
+            reply, out_fds = error_reply(LuoError(errno.EIO, f"internal error: {e}")), []
+        finally:
+            for fd in fds:  # the ops dup what they keep
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.reply(c, reply, out_fds)
+        self.close_released()
+
+    def reply(self, c: Conn, reply: dict[str, Any], fds: list[int]) -> None:
+        try:
+            send_msg(c.sock, reply, fds)
+        except OSError:
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def dispatch(self, c: Conn, msg: dict[str, Any], fds: list[int]) -> Reply:
+        op = str(msg.get("op", ""))
+        table = self.session_ops if c.session is not None else self.ops
+        entry = table.get(op)
+        if entry is None:
+            raise LuoError(errno.ENOTTY, f"unknown operation {op!r}")
+        fn, privileged = entry
+        if privileged and not c.peer.privileged:
+            raise LuoError(errno.EPERM, f"uid {c.peer.uid} may not {op}: only root or the host's user may")
+        return fn(c, msg, fds)
+
+
+def reply_ok(**fields: Any) -> Reply:
+    return ok(**fields), []

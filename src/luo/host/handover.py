@@ -1,0 +1,83 @@
+"""The handover itself: the KHO blob and every preserved fd, passed to the successor.
+
+The blob travels in a sealed memfd (the userspace stand-in for KHO's preserved FDT page) and the
+fds in batches of at most SCM_MAX_FD per message. Nothing is copied: each fd names the same open
+file description on both sides.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+from luo.errors import LuoError
+from luo.host.wire import SCM_MAX_FD, recv_msg, send_msg
+
+F_ADD_SEALS = 1033
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
+
+
+def blob_memfd(blob: bytes, name: str = "luo-kho-fdt") -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, blob)
+    import fcntl
+
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL)
+    return fd
+
+
+def read_blob(fd: int, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = os.pread(fd, size - len(out), len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+@dataclass
+class Handover:
+    blob: bytes
+    fds: list[int]
+    listener: int
+
+
+def send_handover(ch: socket.socket, blob: bytes, fds: list[int], listener: int) -> None:
+    tree = blob_memfd(blob)
+    try:
+        send_msg(ch, {"op": "handover", "fd_count": len(fds), "tree_size": len(blob)}, (tree, listener))
+    finally:
+        os.close(tree)
+    for i in range(0, len(fds), SCM_MAX_FD):
+        send_msg(ch, {"op": "fds", "index": i}, fds[i : i + SCM_MAX_FD])
+
+
+def recv_handover(ch: socket.socket, first: dict, first_fds: list[int]) -> Handover:
+    """Receive the rest of a handover whose first message was already read."""
+    if len(first_fds) != 2:
+        for fd in first_fds:
+            os.close(fd)
+        raise LuoError(errno.EPROTO, "handover message must carry the tree memfd and the listening socket")
+    tree, listener = first_fds
+    try:
+        blob = read_blob(tree, int(first["tree_size"]))
+    finally:
+        os.close(tree)
+    want = int(first["fd_count"])
+    fds: list[int] = []
+    while len(fds) < want:
+        got = recv_msg(ch)
+        if got is None:
+            for fd in fds + [listener]:
+                os.close(fd)
+            raise LuoError(errno.ECONNRESET, "the outgoing host went away in the middle of the handover")
+        msg, more = got
+        if msg.get("op") != "fds" or int(msg.get("index", -1)) != len(fds):
+            for fd in fds + more + [listener]:
+                os.close(fd)
+            raise LuoError(errno.EPROTO, f"handover fd batch out of order: {msg}")
+        fds.extend(more)
+    return Handover(blob, fds, listener)

@@ -1,0 +1,169 @@
+"""The control-socket operations: /dev/liveupdate's ioctls, one function each.
+
+Each op receives the connection, the request and the fds that came with it (closed by the loop
+afterwards, so an op ``os.dup``s what it keeps) and returns the reply and fds to send back.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from luo.errors import LuoError
+from luo.host.wire import ok
+
+if TYPE_CHECKING:
+    from luo.host.daemon import Conn, Host, Reply
+
+
+def _one_fd(fds: list[int], op: str) -> int:
+    if len(fds) != 1:
+        raise LuoError(errno.EBADF, f"{op} needs exactly one fd, got {len(fds)}")
+    return fds[0]
+
+
+def _token(msg: dict[str, Any], required: bool = True) -> int | None:
+    t = msg.get("token")
+    if t is None and not required:
+        return None
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= 1 << 64:
+        raise LuoError(errno.EINVAL, f"token must be an unsigned 64-bit integer, not {t!r}")
+    return t
+
+
+def _name(msg: dict[str, Any]) -> str:
+    name = msg.get("name")
+    if not isinstance(name, str):
+        raise LuoError(errno.EINVAL, "session name must be a string")
+    return name
+
+
+def install(host: Host) -> None:
+    orch = host.orch
+
+    def get_state(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        return ok(state=int(orch.state), label=orch.state.label, pid=os.getpid(),
+                  liveupdate_number=orch.liveupdate_number), []
+
+    def preserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fd = os.dup(_one_fd(fds, "preserve_fd"))
+        try:
+            token = orch.preserve_fd(fd, _token(msg, required=False), owner=c.peer.owner())
+        except BaseException:
+            os.close(fd)
+            raise
+        return ok(token=token), []
+
+    def unpreserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        orch.unpreserve_fd(_token(msg))
+        return ok(), []
+
+    def restore_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        return ok(), [orch.restore_fd(_token(msg))]
+
+    def event(name: str):
+        def run(c: Conn, msg: dict, fds: list[int]) -> Reply:
+            try:
+                getattr(orch, name)()
+            finally:
+                host.settle()
+            return ok(state=int(orch.state), label=orch.state.label), []
+
+        return run
+
+    def session_fd(c: Conn, handle: Any) -> int:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        host.add_conn(mine, c.peer, session=handle)
+        fd = theirs.detach()
+        return fd
+
+    def create_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        handle = orch.create_session(_name(msg), owner=c.peer.owner())
+        return ok(name=handle.name), [session_fd(c, handle)]
+
+    def retrieve_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        handle = orch.retrieve_session(_name(msg))
+        return ok(name=handle.name), [session_fd(c, handle)]
+
+    def status(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        st = orch.status()
+        st["pid"] = os.getpid()
+        st["runtime_dir"] = str(host.runtime.root)
+        for ext in host.extensions:
+            st.update(ext.status())
+        if host.last_update:
+            st["last_update"] = host.last_update
+        return ok(status=st), []
+
+    def kho_dump(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        which = msg.get("which", "incoming")
+        if which == "incoming":
+            if host.incoming_blob is None:
+                raise LuoError(errno.ENODATA, "no incoming KHO tree: this host did not start from a live update")
+            blob = host.incoming_blob
+        elif which == "outgoing":
+            from luo.host.tree import outgoing_blob
+
+            blob = outgoing_blob(host)
+        else:
+            raise LuoError(errno.EINVAL, f"which must be incoming or outgoing, not {which!r}")
+        return ok(blob=base64.b64encode(blob).decode()), []
+
+    def update(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        from luo.host.update import run_update
+
+        return ok(**run_update(host, msg)), []
+
+    def last_update(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        return ok(update=host.last_update), []
+
+    host.ops.update({
+        "get_state": (get_state, False),
+        "preserve_fd": (preserve_fd, True),
+        "unpreserve_fd": (unpreserve_fd, True),
+        "restore_fd": (restore_fd, True),
+        "prepare": (event("prepare"), True),
+        "freeze": (event("freeze"), True),
+        "cancel": (event("cancel"), True),
+        "finish": (event("finish"), True),
+        "create_session": (create_session, True),
+        "retrieve_session": (retrieve_session, True),
+        "status": (status, False),
+        "kho_dump": (kho_dump, False),
+        "update": (update, True),
+        "last_update": (last_update, False),
+    })
+
+    # -- on a session fd ---------------------------------------------------------------
+    def s_preserve(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fd = os.dup(_one_fd(fds, "preserve_fd"))
+        try:
+            c.session.preserve_fd(fd, _token(msg))
+        except BaseException:
+            os.close(fd)
+            raise
+        return ok(), []
+
+    def s_retrieve(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        return ok(), [c.session.retrieve_fd(_token(msg))]
+
+    def s_finish(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        c.session.finish()
+        return ok(), []
+
+    def s_status(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        name = c.session.name
+        for s in orch.status().get("sessions", []):
+            if s.get("name") == name:
+                return ok(session=s), []
+        raise LuoError(errno.ENOENT, f"session {name!r} is gone")
+
+    host.session_ops.update({
+        "preserve_fd": (s_preserve, True),
+        "retrieve_fd": (s_retrieve, True),
+        "finish": (s_finish, True),
+        "status": (s_status, False),
+    })

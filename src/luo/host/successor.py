@@ -1,0 +1,114 @@
+"""The incoming side of an update: a new host process, warmed before the freeze.
+
+It imports everything it will need after the handover while the workloads still run, answers
+the compatibility check at prepare, and at the handover parses the tree, adopts every fd, and
+confirms. Until the outgoing host acknowledges, nothing is served: the old host still owns
+the update and may cancel it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from luo.core.orchestrator import Orchestrator
+from luo.errors import LuoError
+from luo.handlers import default_handlers
+from luo.host import faults
+from luo.host.daemon import Host
+from luo.host.handover import read_blob, recv_handover
+from luo.host.procname import set_process_name
+from luo.host.runtime import RuntimeDir, write_atomic
+from luo.host.setup import host_subsystems, known_compatibles
+from luo.host.wire import error_reply, ok, recv_msg, send_msg
+from luo.kho import parse_tree
+
+log = logging.getLogger("luod")
+
+
+def _handlers() -> list:
+    forgotten = set(faults.values("successor-forget"))
+    return [h for h in default_handlers() if h.compatible not in forgotten]
+
+
+def _check(blob: bytes, known: set[str], fd_count: int | None = None) -> Any:
+    record, _memory = parse_tree(blob, fd_count=fd_count)
+    unknown = sorted(record.compatibles() - known)
+    if unknown:
+        raise LuoError(errno.EOPNOTSUPP,
+                       f"this version does not understand {', '.join(unknown)} (knows {', '.join(sorted(known))})")
+    return record
+
+
+def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
+    set_process_name("luod-next")
+    ch = socket.socket(fileno=channel_fd)
+    handlers = _handlers()
+    known = known_compatibles(handlers)
+    send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known)})
+    while True:
+        got = recv_msg(ch)
+        if got is None:
+            log.info("successor %d: the outgoing host went away before the handover", os.getpid())
+            return 1
+        msg, fds = got
+        op = msg.get("op")
+        if op == "abort":
+            return 0
+        if op == "check":
+            try:
+                blob = read_blob(fds[0], int(msg["tree_size"]))
+                _check(blob, known)
+                send_msg(ch, {"op": "checked"})
+            except LuoError as e:
+                send_msg(ch, error_reply(e))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            continue
+        if op == "handover":
+            return _take_over(ch, msg, fds, runtime, handlers, known)
+        for fd in fds:
+            os.close(fd)
+
+
+def _take_over(ch: socket.socket, msg: dict, fds: list[int], runtime: RuntimeDir, handlers: list,
+               known: set[str]) -> int:
+    t0 = time.perf_counter()
+    h = recv_handover(ch, msg, fds)
+    t_recv = time.perf_counter()
+    if faults.enabled("successor-stall-handover"):
+        write_atomic(runtime.root / "successor.stalled", f"{os.getpid()}\n")
+        recv_msg(ch)  # waits until killed or the old host gives up
+        return 3
+    try:
+        record = _check(h.blob, known, fd_count=len(h.fds))
+        orch = Orchestrator(handlers=handlers, subsystems=host_subsystems(runtime), incoming=record,
+                            incoming_fds=h.fds)
+    except LuoError as e:
+        log.error("successor %d refuses the handover: %s", os.getpid(), e)
+        send_msg(ch, error_reply(e))
+        for fd in h.fds + [h.listener]:
+            os.close(fd)  # the outgoing host still holds its own copies: nothing is released
+        return 2
+    t_adopt = time.perf_counter()
+    timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
+    send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
+    got = recv_msg(ch)
+    if got is not None and got[0].get("op") == "abort":
+        log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
+        return 4
+    ch.close()
+    set_process_name("luod")
+    listener = socket.socket(fileno=h.listener)
+    host = Host(runtime, orch, listener, incoming_blob=h.blob)
+    host.last_update = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
+                        "pid": os.getpid(), "time": time.time()}
+    write_atomic(runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n")
+    host.serve_forever()
+    return 0

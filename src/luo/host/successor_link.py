@@ -1,0 +1,97 @@
+"""The outgoing host's end of the channel to its successor process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+from typing import Any
+
+from luo.errors import LuoError
+from luo.host.handover import blob_memfd, send_handover
+from luo.host.runtime import RuntimeDir
+from luo.host.wire import recv_msg, send_msg
+
+
+class SuccessorLink:
+    def __init__(self, proc: subprocess.Popen[bytes], ch: socket.socket, hello: dict[str, Any]) -> None:
+        self.proc = proc
+        self.ch = ch
+        self.hello = hello
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    def spawn(cls, cmd: list[str], runtime: RuntimeDir, start_timeout: float) -> SuccessorLink:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [*cmd, "host", "--successor", str(theirs.fileno()), "--runtime-dir", str(runtime.root)]
+        try:
+            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], start_new_session=True,
+                                    stdin=subprocess.DEVNULL)
+        except OSError as e:
+            mine.close()
+            theirs.close()
+            raise LuoError(errno.ENOEXEC, f"cannot start successor {argv[0]!r}: {e.strerror}") from None
+        theirs.close()
+        link = cls(proc, mine, {})
+        link.hello = link._expect("hello", start_timeout, "start and import")
+        return link
+
+    def _expect(self, what: str, timeout: float, doing: str) -> dict[str, Any]:
+        self.ch.settimeout(timeout)
+        try:
+            got = recv_msg(self.ch)
+        except TimeoutError:
+            raise LuoError(errno.ETIMEDOUT, f"successor pid {self.pid} did not {doing} within {timeout:g} s") from None
+        except OSError:
+            got = None
+        if got is None:
+            code = self.proc.poll()
+            raise LuoError(errno.ESRCH, f"successor pid {self.pid} exited (status {code}) before it could {doing}")
+        msg, fds = got
+        for fd in fds:
+            os.close(fd)
+        if msg.get("errno"):
+            raise LuoError(int(msg["errno"]), f"successor pid {self.pid} refused: {msg.get('error', '')}")
+        if msg.get("op", what) != what:
+            raise LuoError(errno.EPROTO, f"successor answered {msg.get('op')!r}, expected {what!r}")
+        return msg
+
+    def check(self, blob: bytes, timeout: float) -> None:
+        """Ask the successor whether it understands the prepared tree, before anything is frozen."""
+        fd = blob_memfd(blob, "luo-kho-fdt-check")
+        try:
+            send_msg(self.ch, {"op": "check", "tree_size": len(blob)}, (fd,))
+        finally:
+            os.close(fd)
+        self._expect("checked", timeout, "check the outgoing tree")
+
+    def handover(self, blob: bytes, fds: list[int], listener: int, timeout: float) -> dict[str, Any]:
+        try:
+            send_handover(self.ch, blob, fds, listener)
+        except OSError as e:
+            raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
+        return self._expect("confirm", timeout, "confirm the handover")
+
+    def acknowledge(self) -> None:
+        try:
+            send_msg(self.ch, {"op": "ack"})
+        except OSError as e:
+            raise LuoError(errno.ESRCH, f"successor pid {self.pid} died after confirming: {e.strerror}") from None
+
+    def kill(self) -> None:
+        try:
+            send_msg(self.ch, {"op": "abort"})
+        except OSError:
+            pass
+        self.ch.close()
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                self.proc.kill()
+        self.proc.wait()

@@ -1,0 +1,145 @@
+"""``luo update`` on the outgoing host: the kexec of this design.
+
+Order, and why:
+1. start the successor and let it import everything (~100 ms of Python start-up) while every
+   workload still runs;
+2. prepare (files, then subsystems: the VMM subsystem warms successor VMMs), then ask the
+   successor whether it understands every compatible string in the tree. A "no" cancels:
+   nothing was frozen;
+3. freeze (implicit when prepared, as a kexec reboot does), build the final tree, hand it and
+   every preserved fd over, and wait for the successor to confirm. No confirmation in time, or
+   a successor that dies or refuses: cancel and carry on with every fd intact. The kernel cannot
+   do this, because its old kernel is gone by the time the new one could object;
+4. confirmed: acknowledge, forget the fds and exit after answering the caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shlex
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from luo.core.states import State
+from luo.errors import LuoError
+from luo.host import faults
+from luo.host.successor_link import SuccessorLink
+from luo.host.tree import tree_for
+
+if TYPE_CHECKING:
+    from luo.host.daemon import Host
+
+log = logging.getLogger("luod")
+
+
+def default_successor_command() -> list[str]:
+    return [sys.executable, "-m", "luo"]
+
+
+def successor_command(to: Any) -> list[str]:
+    if to in (None, ""):
+        return default_successor_command()
+    if isinstance(to, list) and all(isinstance(w, str) for w in to):
+        return list(to)
+    if isinstance(to, str):
+        return shlex.split(to)
+    raise LuoError(errno.EINVAL, f"--to must be a command, not {to!r}")
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round((now - self.last) * 1000, 3)
+        self.last = now
+
+    @property
+    def total_ms(self) -> float:
+        return round((time.perf_counter() - self.t0) * 1000, 3)
+
+
+def corrupt(blob: bytes) -> bytes:
+    """Damage the tree where it hurts: the root compatible string's first byte."""
+    i = blob.find(b"kho-v1")
+    b = bytearray(blob)
+    if i >= 0:
+        b[i] ^= 0xFF
+    else:
+        b[0] ^= 0xFF
+    return bytes(b)
+
+
+def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
+    orch = host.orch
+    if orch.state not in (State.NORMAL, State.PREPARED):
+        hint = "; run `luo finish` first" if orch.state == State.UPDATED else ""
+        raise LuoError(errno.EINVAL, f"cannot update from state {orch.state.label}{hint}")
+    timeout = float(msg.get("timeout", 10.0))
+    cmd = successor_command(msg.get("to"))
+    tl = Timeline()
+    link = SuccessorLink.spawn(cmd, host.runtime, start_timeout=float(msg.get("start_timeout", 120.0)))
+    tl.mark("start")
+    try:
+        if orch.state == State.NORMAL:
+            orch.prepare()
+        host.publish_state()
+        tl.mark("prepare")
+        record, _ = orch.outgoing_record()
+        link.check(tree_for(record), timeout)
+        tl.mark("check")
+    except BaseException as e:
+        link.kill()
+        if orch.state == State.PREPARED:
+            orch.cancel()
+        host.settle()
+        if isinstance(e, LuoError):
+            raise LuoError(e.errno, f"prepare failed, nothing was frozen: {e.message}") from None
+        raise
+    try:
+        orch.begin_update()  # the implicit freeze of a kexec issued while prepared
+    except BaseException:
+        link.kill()
+        host.settle()
+        raise
+    host.publish_state()
+    tl.mark("freeze")
+    try:
+        record, fds = orch.outgoing_record()
+        blob = tree_for(record)
+        if faults.enabled("corrupt-tree"):
+            blob = corrupt(blob)
+        tl.mark("tree")
+        confirm = link.handover(blob, fds, host.listener.fileno(), timeout)
+        tl.mark("handover")
+        link.acknowledge()
+    except BaseException as e:
+        link.kill()
+        orch.cancel()
+        host.settle()
+        log.warning("handover failed, update cancelled, every fd kept: %s", e)
+        if isinstance(e, LuoError):
+            raise LuoError(e.errno, f"handover failed; update cancelled and every fd kept: {e.message}") from None
+        raise
+    for fd in orch.handover_complete():
+        os.close(fd)
+    host.close_released()
+    tl.mark("release")
+    host.exit_after_step = True
+    result = {
+        "old_pid": os.getpid(),
+        "new_pid": link.pid,
+        "liveupdate_number": int(confirm.get("liveupdate_number", orch.liveupdate_number + 1)),
+        "phases_ms": tl.phases,
+        "total_ms": tl.total_ms,
+        "successor": confirm.get("timings_ms", {}),
+        "preserved_fds": len(fds),
+    }
+    log.info("update handed over to pid %d in %.1f ms: %s", link.pid, tl.total_ms, tl.phases)
+    return result
