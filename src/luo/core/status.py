@@ -1,0 +1,52 @@
+"""JSON-able views of preserved files and subsystems for ``luo status``.
+
+Status must never fail because a handler's ``describe`` does: its error is shown instead.
+"""
+
+from __future__ import annotations
+
+from luo.core.outgoing import owner_from_meta
+from luo.core.participants import FileHandler, IncomingFile, Owner, PreservedFile
+from luo.core.registry import Registry
+
+
+def describe(handler: FileHandler | None, fd: int) -> dict[str, object]:
+    if handler is None:
+        return {}
+    try:
+        return {str(k): str(v) for k, v in dict(handler.describe(fd)).items()}
+    except Exception as exc:
+        return {"describe_error": repr(exc)}
+
+
+def owner_json(owner: Owner) -> dict[str, object]:
+    return {"pid": owner.pid, "uid": owner.uid, "comm": owner.comm}
+
+
+def outgoing_file(pf: PreservedFile) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "direction": "out",
+        "token": pf.token,
+        "compatible": pf.compatible,
+        "session": pf.session,
+        "owner": owner_json(pf.owner),
+        "data": pf.data,
+        "fd": pf.fd,
+        "prepared": pf.prepared,
+        "frozen": pf.frozen,
+    }
+    return {**describe(pf.handler, pf.fd), **entry}
+
+
+def incoming_file(registry: Registry, inc: IncomingFile) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "direction": "in",
+        "token": inc.token,
+        "compatible": inc.compatible,
+        "session": inc.session,
+        "owner": owner_from_meta(inc.meta),
+        "data": inc.data,
+        "fd": inc.fd,
+        "retrieved": inc.retrieved,
+    }
+    return {**describe(registry.handler_for(inc.compatible), inc.fd), **entry}
