@@ -17,6 +17,8 @@ from luo.errors import LuoError
 
 FDT_HEADER_SIZE = 40  # struct fdt_header, version 17
 FDT_MAGIC = 0xD00DFEED
+FDT_VERSION = 17  # what libfdt writes; earlier versions align property values differently
+FDT_PROP = 3
 FDT_MAX_DEPTH = 64  # far deeper than any handover; bounds work on hostile input
 
 
@@ -66,6 +68,11 @@ class FdtReader:
         if totalsize > len(data):
             raise bad(
                 f"the handover tree is truncated: its header says {totalsize} bytes, {len(data)} are present."
+            )
+        version = struct.unpack(">I", data[20:24])[0]
+        if version < FDT_VERSION:
+            raise bad(
+                f"the handover tree is DTB version {version}; this version reads {FDT_VERSION} and later."
             )
         self._buf = bytearray(data[:totalsize])
         err = libfdt.fdt_check_full(self._buf, totalsize)
@@ -121,17 +128,41 @@ class FdtReader:
         out: dict[str, bytes] = {}
         off = libfdt.fdt_first_property_offset(self._buf, node.offset)
         while off >= 0:
-            res = libfdt.fdt_get_property_by_offset(self._buf, off)
-            if not isinstance(res, list) or len(res) < 2 or res[0] is None:
-                raise bad(f"node {node.path or '/'}: cannot read a property at offset {off}.")
-            name = _decode_name(res[0], f"node {node.path or '/'}: property name")
+            name, value = self._prop_at(node, off)
             if name in out:
                 raise bad(f"node {node.path or '/'} has property {name!r} twice.")
-            out[name] = bytes(res[1])
+            out[name] = value
             off = libfdt.fdt_next_property_offset(self._buf, off)
         if off != -libfdt.NOTFOUND:
             raise bad(f"node {node.path or '/'}: cannot list properties: {_strerror(off)}.")
         return out
+
+    def _prop_at(self, node: Node, off: int) -> tuple[str, bytes]:
+        """The property at struct offset ``off``, read from the bytes themselves.
+
+        pylibfdt's getter fails with SystemError on a name that is not UTF-8, so the (already
+        validated) layout is read here: tag, length, name offset, value; name in the strings block.
+        """
+        where = f"node {node.path or '/'}"
+        buf = self._buf
+        struct_off = libfdt.fdt_off_dt_struct(buf)
+        strings_off = libfdt.fdt_off_dt_strings(buf)
+        strings_end = strings_off + libfdt.fdt_size_dt_strings(buf)
+        pos = struct_off + off
+        if pos + 12 > len(buf):
+            raise bad(f"{where}: a property runs past the end of the tree.")
+        tag, length, name_off = struct.unpack_from(">III", buf, pos)
+        if tag != FDT_PROP or pos + 12 + length > len(buf):
+            raise bad(f"{where}: the property at offset {off} is malformed.")
+        start = strings_off + name_off
+        end = buf.find(b"\0", start, strings_end)
+        if name_off >= strings_end - strings_off or end < 0:
+            raise bad(f"{where}: the property at offset {off} has a bad name offset.")
+        try:
+            name = bytes(buf[start:end]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise bad(f"{where}: a property name is not valid UTF-8 ({bytes(buf[start:end])!r}).") from e
+        return name, bytes(buf[pos + 12 : pos + 12 + length])
 
     def walk(self) -> list[tuple[Node, int]]:
         """Every node with its depth (root 0), depth first, in tree order."""
