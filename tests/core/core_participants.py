@@ -73,18 +73,18 @@ class RecHandler(FileHandler):
 
     def preserve(self, pf: PreservedFile) -> int:
         self._call("preserve", pf.token, pf.session)
-        return 1000 + pf.token
+        return (1000 + pf.token) % (1 << 64)
 
     def unpreserve(self, pf: PreservedFile) -> None:
         self._call("unpreserve", pf.token, pf.session)
 
     def prepare(self, pf: PreservedFile) -> int:
         self._call("prepare", pf.token, pf.session)
-        return 2000 + pf.token
+        return (2000 + pf.token) % (1 << 64)
 
     def freeze(self, pf: PreservedFile) -> int:
         self._call("freeze", pf.token, pf.session)
-        return 3000 + pf.token
+        return (3000 + pf.token) % (1 << 64)
 
     def cancel(self, pf: PreservedFile) -> None:
         self._call("cancel", pf.token, pf.session)

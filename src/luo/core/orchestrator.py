@@ -24,8 +24,9 @@ Deliberate choices where the spec left room (kernel behaviour noted for each):
   RFC v2 only cancels the participants before the failing one and then returns to NORMAL,
   leaving the others prepared; handlers see ``pf.prepared``/``pf.frozen`` to know what to undo.
 - ``get_subsystem_data`` outside UPDATED gives ``-ENOENT``, as the RFC v2 kernel does.
-- Subsystems get ``finish(data)`` only if they are registered *and* the predecessor recorded
-  data for them; data of subsystems never registered is dropped (logged).
+- Subsystems get ``finish(data)``, in registration order, only if they are registered *and*
+  the predecessor recorded data for them (RFC v2 calls every registered one, with 0 when it
+  has no data); data of subsystems never registered is dropped (logged).
 - Global ``finish`` asks every incoming file ``can_finish`` first (as 6.19 session finish does):
   any "no" is ``-EBUSY`` with nothing finished and the state left UPDATED.
 - Global ``finish`` also settles every incoming session: retrieved ones are finished, never
@@ -274,12 +275,10 @@ class Orchestrator:
         for session in incoming.sessions.values():
             if not session.gone:
                 self._settle_session(session)
-        for name, data in incoming.subsystems.items():
-            slot = self._registry.slot(name)
-            if slot is None:
-                log.warning("incoming data of subsystem %s dropped: not registered", name)
-                continue
-            must_not_fail([slot], lambda s, d=data: s.subsystem.finish(d), _slot_who)
+        slots = [slot for slot in self._registry.slots if slot.name in incoming.subsystems]
+        must_not_fail(slots, lambda slot: slot.subsystem.finish(incoming.subsystems[slot.name]), _slot_who)
+        for name in incoming.subsystems.keys() - {slot.name for slot in slots}:
+            log.warning("incoming data of subsystem %s dropped: not registered", name)
         self._incoming = None
         self._move(target, "finish")
 
@@ -295,9 +294,16 @@ class Orchestrator:
     # ------------------------------------------------------------- handover
 
     def outgoing_record(self) -> tuple[LuoRecord, list[int]]:
-        """In FROZEN: the record for the successor and the fd array its fd_index values index."""
-        if self._state is not State.FROZEN or self._handed_over:
-            raise LuoError(errno.EINVAL, f"the outgoing record exists only in the frozen state, not {self._state.label}")
+        """The record for the successor and the fd array its ``fd_index`` values index.
+
+        In FROZEN this is the record to hand over. In PREPARED it is the same record with
+        prepare-time data (the kernel builds the LUO tree at prepare): the host uses it to check
+        compatibility with the successor before the pause. Elsewhere ``-EINVAL``.
+        """
+        if self._state not in (State.PREPARED, State.FROZEN) or self._handed_over:
+            raise LuoError(
+                errno.EINVAL, f"the outgoing record exists only when prepared or frozen, not {self._state.label}"
+            )
         return build_record(
             self.liveupdate_number,
             self._registry.slots,
