@@ -1,0 +1,1 @@
+"""KVM ABI for the VMM: ioctl numbers, ctypes structs, and the libc calls that carry them."""

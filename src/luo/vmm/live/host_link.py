@@ -1,0 +1,89 @@
+"""The VMM's side of the host: libluo session + a registration connection for host requests."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from typing import Any
+
+from luo.client import Client, Session
+from luo.client.connection import open_socket
+from luo.errors import LuoError
+from luo.host.runtime import RuntimeDir
+from luo.host.vms import session_name
+from luo.host.wire import raise_for, recv_msg, send_msg
+
+log = logging.getLogger("luo.vmm")
+
+RAM_TOKEN = 0
+STATE_TOKEN = 1
+
+
+class HostLink:
+    def __init__(self, runtime: RuntimeDir, name: str) -> None:
+        self.runtime = runtime
+        self.name = name
+        self.client = Client(runtime.root)
+        self.session: Session | None = None
+        self.sock: socket.socket | None = None
+
+    def preserve(self, ram_fd: int, state_fd: int) -> None:
+        """(Re)create the VM's session and preserve its RAM and state memfds in it."""
+        s = self.client.create_session(session_name(self.name))
+        s.preserve_fd(ram_fd, RAM_TOKEN)
+        s.preserve_fd(state_fd, STATE_TOKEN)
+        self.session = s
+
+    def take_incoming(self) -> tuple[int, int]:
+        """Retrieve the VM's session from the (new) host: its RAM and state fds."""
+        s = self.client.retrieve_session(session_name(self.name))
+        ram = s.retrieve_fd(RAM_TOKEN)
+        state = s.retrieve_fd(STATE_TOKEN)
+        self.session = s
+        return ram, state
+
+    def finish_incoming(self) -> None:
+        if self.session is not None and self.session.incoming:
+            self.session.finish()
+            self.session.close()
+            self.session = None
+
+    def drop_stale_incoming(self) -> None:
+        """After a failed successor: finish whatever is left of the VM's incoming session."""
+        try:
+            s = self.client.retrieve_session(session_name(self.name))
+        except LuoError as e:
+            if e.errno not in (errno.ENOENT, errno.EINVAL):
+                raise
+            return
+        try:
+            s.finish()
+        finally:
+            s.close()
+
+    def register(self, info: dict[str, Any], report: dict[str, Any] | None = None) -> socket.socket:
+        sock = open_socket(self.runtime.socket, 60.0)
+        send_msg(sock, {"op": "vm_register", "name": self.name, "pid": os.getpid(), "info": info,
+                        "report": report})
+        got = recv_msg(sock)
+        if got is None:
+            raise LuoError(errno.ECONNRESET, "the host went away while the VM registered")
+        raise_for(got[0])
+        self.sock = sock
+        return sock
+
+    def answer(self, reply: dict[str, Any]) -> None:
+        if self.sock is not None:
+            try:
+                send_msg(self.sock, {"reply": True, "errno": 0, **reply})
+            except OSError:
+                pass
+
+    def answer_error(self, err: LuoError) -> None:
+        if self.sock is not None:
+            try:
+                send_msg(self.sock, {"reply": True, "errno": err.errno, "error": err.message})
+            except OSError:
+                pass

@@ -1,0 +1,158 @@
+"""The running VMM: answers the host's prepare, freeze, cancel and handed_over.
+
+prepare: hand RAM + state memfds to the successor the host started, and wait until it has built
+its VM (everything expensive happens here, while the guest runs).
+freeze: pause every vCPU, save, write the record into the preserved state memfd.
+handed_over: tell the successor to go; stay alive until it says the guest runs again. If it dies
+or times out instead, resume the guest here and re-attach to the new host.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from luo.errors import LuoError
+from luo.host.wire import recv_msg, send_msg
+from luo.vmm.live.host_link import HostLink
+from luo.vmm.live.statefile import write_state
+from luo.vmm.vm import Vm
+
+log = logging.getLogger("luo.vmm")
+
+WARM_TIMEOUT = 120.0
+RESUME_TIMEOUT = 15.0
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+class RunningVmm:
+    def __init__(self, vm: Vm, link: HostLink, state_fd: int, info: dict[str, Any]) -> None:
+        self.vm = vm
+        self.link = link
+        self.state_fd = state_fd
+        self.info = info
+        self.successor: socket.socket | None = None
+        self.paused_at = 0
+        self.parts: dict[str, float] = {}
+
+    def serve(self, report: dict[str, Any] | None = None) -> int:
+        """Register with the host and answer its requests until the VM leaves this process."""
+        sock = self.link.register(self.info, report)
+        while True:
+            got = recv_msg(sock)
+            if got is None:
+                log.warning("vm %s: the host went away outside an update; re-registering", self.vm.name)
+                sock = self.link.register(self.info)
+                continue
+            msg, fds = got
+            op = msg.get("op")
+            try:
+                if op == "prepare":
+                    self.link.answer(self.prepare(fds))
+                elif op == "freeze":
+                    self.link.answer(self.freeze())
+                elif op == "cancel":
+                    self.link.answer(self.cancel())
+                elif op == "handed_over":
+                    if self.handed_over():
+                        return 0
+                    sock = self.link.sock  # re-registered with the new host after a fallback
+                    assert sock is not None
+                elif op == "stop":
+                    self.vm.stop()
+                    if self.link.session is not None:
+                        self.link.session.close()
+                    self.link.answer({})
+                    return 0
+                else:
+                    raise LuoError(errno.ENOTTY, f"unknown VMM request {op!r}")
+            except LuoError as e:
+                for fd in fds:
+                    os.close(fd)
+                self.link.answer_error(e)
+
+    def prepare(self, fds: list[int]) -> dict[str, Any]:
+        if len(fds) != 1:
+            raise LuoError(errno.EINVAL, "prepare needs the channel to the successor VMM")
+        t0 = time.perf_counter()
+        ch = socket.socket(fileno=fds[0])
+        send_msg(ch, {"op": "warm", "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
+                      "info": self.info}, (self.vm.memfd, self.state_fd))
+        ch.settimeout(WARM_TIMEOUT)
+        try:
+            got = recv_msg(ch)
+        except (TimeoutError, OSError):
+            got = None
+        if got is None or got[0].get("errno"):
+            ch.close()
+            why = got[0].get("error") if got else "it exited or did not answer"
+            raise LuoError(errno.EIO, f"successor VMM for {self.vm.name} could not warm up: {why}")
+        ch.settimeout(None)
+        self.successor = ch
+        return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": got[0].get("timings_ms", {})}
+
+    def freeze(self) -> dict[str, Any]:
+        t0 = time.monotonic_ns()
+        self.vm.pause()
+        t1 = time.monotonic_ns()
+        record = self.vm.save()
+        write_state(self.state_fd, record, t0)
+        t2 = time.monotonic_ns()
+        self.paused_at = t0
+        self.parts = {"pause": _ms(t1 - t0), "save": _ms(t2 - t1)}
+        if self.successor is not None:
+            try:  # lets the successor restore while the host hands over
+                send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts})
+            except OSError:
+                pass
+        return {"pause_ms": self.parts["pause"], "save_ms": self.parts["save"]}
+
+    def _drop_successor(self) -> None:
+        if self.successor is not None:
+            try:
+                send_msg(self.successor, {"op": "abort"})
+            except OSError:
+                pass
+            self.successor.close()
+            self.successor = None
+
+    def cancel(self) -> dict[str, Any]:
+        self._drop_successor()
+        if self.vm.paused:
+            self.vm.start()
+            log.info("vm %s: update cancelled, guest resumed on this VMM", self.vm.name)
+        return {}
+
+    def handed_over(self) -> bool:
+        """True when the successor runs the guest (this process then exits)."""
+        ch = self.successor
+        if ch is None:
+            return self._fallback("no successor VMM was warmed")
+        try:
+            send_msg(ch, {"op": "go"})
+            ch.settimeout(RESUME_TIMEOUT)
+            got = recv_msg(ch)
+        except (TimeoutError, OSError):
+            got = None
+        if got is not None and got[0].get("op") == "resumed":
+            log.info("vm %s: successor VMM runs the guest; this VMM exits", self.vm.name)
+            self.vm.stop()
+            return True
+        return self._fallback("the successor VMM died or did not resume the guest in time")
+
+    def _fallback(self, why: str) -> bool:
+        log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
+        self._drop_successor()
+        self.vm.start()
+        self.link.client.close()
+        self.link.drop_stale_incoming()
+        self.link.preserve(self.vm.memfd, self.state_fd)
+        self.link.register(self.info, {"fallback": True, "reason": why})
+        return False
