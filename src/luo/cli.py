@@ -120,12 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outgoing", action="store_true")
     d.add_argument("--raw", action="store_true", help="write the DTB itself to stdout")
     d.set_defaults(fn=cmd_kho_dump)
-    try:
-        from luo.vmm.cli import add_vm_commands
-    except ImportError:
-        pass
-    else:
-        add_vm_commands(sub)
+    from luo.cli_vm import add_vm_commands
+
+    add_vm_commands(sub)
     return p
 
 

@@ -18,7 +18,7 @@ def update(runtime_dir: str | os.PathLike[str] | None = None, to: str | list[str
         reply, _ = c.call("update", to=to, timeout=timeout, retry=False)
     result = {k: v for k, v in reply.items() if k != "errno"}
     with Client(runtime_dir, timeout=connect_timeout) as c:
-        reply, _ = c.call("last_update", wait_vms=True)
+        reply, _ = c.call("wait_update", wait=30.0, timeout=60.0)
     after = reply.get("update") or {}
     if after.get("vms"):
         result["vms"] = after["vms"]

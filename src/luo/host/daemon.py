@@ -12,6 +12,7 @@ import logging
 import os
 import selectors
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,17 @@ from luo.host.wire import error_reply, ok, recv_msg, send_msg
 log = logging.getLogger("luod")
 
 Reply = tuple[dict[str, Any], list[int]]
+DEFERRED: Reply = ({"deferred": True}, [])  # the op answers later, through Host.defer
+
+
+@dataclass
+class Waiter:
+    """A request answered when ``poll`` returns a reply (or ``on_timeout`` at ``deadline``)."""
+
+    conn: Conn
+    poll: Callable[[], Reply | None]
+    deadline: float
+    on_timeout: Callable[[], Reply]
 
 
 @dataclass
@@ -49,7 +61,9 @@ class Host:
         self.deferred_session_closes: list[Any] = []
         self.exit_after_step = False
         self.last_update: dict[str, Any] | None = None
-        self.extensions: list[Any] = []  # e.g. the VM supervisor: status() and ops
+        self.waiters: list[Waiter] = []
+        self.extensions: list[Any] = []
+        self.vms: Any = None  # the VmSupervisor, once installed  # e.g. the VM supervisor: status() and ops
         self.ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
         self.session_ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
         from luo.host import ops
@@ -115,13 +129,41 @@ class Host:
         self.runtime.write_pid(os.getpid())
         log.info("luod %d serving %s in state %s", os.getpid(), self.runtime.socket, self.orch.state.label)
         while not self.exit_after_step:
-            for key, _ in self.sel.select(timeout=None):
+            timeout = None
+            if self.waiters:
+                timeout = max(0.0, min(w.deadline for w in self.waiters) - time.monotonic())
+            for key, _ in self.sel.select(timeout=timeout):
                 if key.data is None:
                     self.accept()
                 else:
                     self.step(key.data)
                 if self.exit_after_step:
                     break
+            self.run_waiters()
+
+    def defer(self, conn: Conn, poll: Callable[[], Reply | None], timeout: float,
+              on_timeout: Callable[[], Reply]) -> Reply:
+        w = Waiter(conn, poll, time.monotonic() + timeout, on_timeout)
+        got = poll()
+        if got is not None:
+            return got
+        self.waiters.append(w)
+        return DEFERRED
+
+    def run_waiters(self) -> None:
+        now = time.monotonic()
+        still: list[Waiter] = []
+        for w in self.waiters:
+            if w.conn.sock.fileno() < 0:
+                continue
+            got = w.poll()
+            if got is None and now >= w.deadline:
+                got = w.on_timeout()
+            if got is None:
+                still.append(w)
+            else:
+                self.reply(w.conn, *got)
+        self.waiters = still
 
     def accept(self) -> None:
         try:
@@ -142,6 +184,10 @@ class Host:
             self.drop_conn(c)
             return
         msg, fds = got
+        if c.extra.get("participant") and msg.get("reply"):
+            for fd in fds:  # a late answer to a request the host stopped waiting for
+                os.close(fd)
+            return
         try:
             reply, out_fds = self.dispatch(c, msg, fds)
         except LuoError as e:
@@ -155,7 +201,8 @@ class Host:
                     os.close(fd)
                 except OSError:
                     pass
-        self.reply(c, reply, out_fds)
+        if reply is not DEFERRED[0]:
+            self.reply(c, reply, out_fds)
         self.close_released()
 
     def reply(self, c: Conn, reply: dict[str, Any], fds: list[int]) -> None:

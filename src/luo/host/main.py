@@ -53,12 +53,11 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
         return run_successor(successor_fd, rt)
     from luo.core.orchestrator import Orchestrator
     from luo.handlers import default_handlers
-    from luo.host.daemon import Host
     from luo.host.procname import set_process_name
-    from luo.host.setup import host_subsystems
+    from luo.host.setup import host_subsystems, make_host
 
     set_process_name("luod")
     listener = bind_listener(rt)
     orch = Orchestrator(handlers=default_handlers(), subsystems=host_subsystems(rt))
-    Host(rt, orch, listener).serve_forever()
+    make_host(rt, orch, listener).serve_forever()
     return 0

@@ -117,9 +117,6 @@ def install(host: Host) -> None:
 
         return ok(**run_update(host, msg)), []
 
-    def last_update(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        return ok(update=host.last_update), []
-
     host.ops.update({
         "get_state": (get_state, False),
         "preserve_fd": (preserve_fd, True),
@@ -134,7 +131,6 @@ def install(host: Host) -> None:
         "status": (status, False),
         "kho_dump": (kho_dump, False),
         "update": (update, True),
-        "last_update": (last_update, False),
     })
 
     # -- on a session fd ---------------------------------------------------------------

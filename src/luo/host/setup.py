@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from luo.core.participants import FileHandler, Subsystem
 from luo.host.runtime import RuntimeDir
 from luo.kho import TREE_COMPATIBLES
 
+if TYPE_CHECKING:
+    from luo.core.orchestrator import Orchestrator
+    from luo.host.daemon import Host
+
 
 def host_subsystems(runtime: RuntimeDir) -> list[Subsystem]:
+    """Subsystems that need no host object; the ``vmm`` one is added by make_host."""
     return []
+
+
+def make_host(runtime: RuntimeDir, orch: Orchestrator, listener: socket.socket,
+              incoming_blob: bytes | None = None) -> Host:
+    from luo.host.daemon import Host
+    from luo.host.vms import VmmSubsystem, install
+
+    host = Host(runtime, orch, listener, incoming_blob=incoming_blob)
+    host.vms = install(host)
+    orch.register_subsystem(VmmSubsystem(host.vms))
+    return host
 
 
 def known_compatibles(handlers: Sequence[FileHandler]) -> set[str]:

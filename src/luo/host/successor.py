@@ -20,11 +20,10 @@ from luo.core.orchestrator import Orchestrator
 from luo.errors import LuoError
 from luo.handlers import default_handlers
 from luo.host import faults
-from luo.host.daemon import Host
 from luo.host.handover import read_blob, recv_handover
 from luo.host.procname import set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
-from luo.host.setup import host_subsystems, known_compatibles
+from luo.host.setup import host_subsystems, known_compatibles, make_host
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.kho import parse_tree
 
@@ -100,14 +99,16 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], runtime: RuntimeDir
     timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
     send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
     got = recv_msg(ch)
+    old_phases = got[0].get("phases_ms", {}) if got is not None else {}
     if got is not None and got[0].get("op") == "abort":
         log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
         return 4
     ch.close()
     set_process_name("luod")
     listener = socket.socket(fileno=h.listener)
-    host = Host(runtime, orch, listener, incoming_blob=h.blob)
+    host = make_host(runtime, orch, listener, incoming_blob=h.blob)
     host.last_update = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
+                        "phases_ms": old_phases,
                         "pid": os.getpid(), "time": time.time()}
     write_atomic(runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n")
     host.serve_forever()

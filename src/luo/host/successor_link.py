@@ -77,9 +77,9 @@ class SuccessorLink:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
         return self._expect("confirm", timeout, "confirm the handover")
 
-    def acknowledge(self) -> None:
+    def acknowledge(self, phases_ms: dict[str, float]) -> None:
         try:
-            send_msg(self.ch, {"op": "ack"})
+            send_msg(self.ch, {"op": "ack", "phases_ms": phases_ms})
         except OSError as e:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} died after confirming: {e.strerror}") from None
 

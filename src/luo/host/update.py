@@ -84,6 +84,8 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
     timeout = float(msg.get("timeout", 10.0))
     cmd = successor_command(msg.get("to"))
     tl = Timeline()
+    if host.vms is not None:
+        host.vms.successor_cmd = cmd
     link = SuccessorLink.spawn(cmd, host.runtime, start_timeout=float(msg.get("start_timeout", 120.0)))
     tl.mark("start")
     try:
@@ -118,7 +120,7 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
         tl.mark("tree")
         confirm = link.handover(blob, fds, host.listener.fileno(), timeout)
         tl.mark("handover")
-        link.acknowledge()
+        link.acknowledge(tl.phases)
     except BaseException as e:
         link.kill()
         orch.cancel()
@@ -130,6 +132,8 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
     for fd in orch.handover_complete():
         os.close(fd)
     host.close_released()
+    if host.vms is not None:
+        host.vms.handed_over()
     tl.mark("release")
     host.exit_after_step = True
     result = {

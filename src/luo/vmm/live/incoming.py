@@ -93,7 +93,9 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     ch.close()
 
     parts = dict(saved.get("parts_ms", {}))
-    parts["handover"] = _ms(t_retrieved - t_go + max(0, t_go - int(saved.get("saved_at", t_go))) - (t_restored - t_saved))
+    # restore overlaps the host handover; "handover" is the part of the gap not spent restoring
+    saved_at = int(saved.get("saved_at", t_saved))
+    parts["handover"] = _ms(t_retrieved - saved_at - (t_restored - t_saved))
     parts["restore"] = _ms(t_restored - t_saved)
     parts["resume"] = _ms(t_resumed - t_retrieved)
     report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts,

@@ -1,0 +1,117 @@
+"""``luo vm ...`` (VMs under the host) and the hidden ``luo vmm ...`` process entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from luo.errors import LuoError
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from luo.client import Client
+
+    return Client(args.runtime_dir, timeout=args.connect_timeout)
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply, _ = c.call("vm_start", name=args.name, mem=args.mem, cpus=args.cpus, image=args.image,
+                          cmdline=args.cmdline, timeout=120.0, retry=False)
+    vm = reply["vm"]
+    print(f"vm {vm['name']} running: VMM pid {vm['pid']}, session {vm['session']}, console {vm['console']}")
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply, _ = c.call("vm_list")
+    if args.json:
+        print(json.dumps(reply["vms"], indent=2))
+        return 0
+    for vm in reply["vms"]:
+        print(f"{vm['name']:16} {vm['state']:10} pid {vm['pid']:<8} mem {vm.get('mem', '?')} cpus {vm.get('cpus', '?')}")
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.call("vm_stop", name=args.name)
+    print(f"vm {args.name} stopped")
+    return 0
+
+
+def cmd_vm_console(args: argparse.Namespace) -> int:
+    from luo.host.runtime import RuntimeDir, resolve_runtime_dir
+
+    path = RuntimeDir(resolve_runtime_dir(args.runtime_dir)).vm_dir(args.name) / "console.log"
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise LuoError(2, f"no console for VM {args.name!r} at {path}") from None
+    with f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            elif not args.follow:
+                return 0
+            else:
+                time.sleep(0.1)  # following a log file: nothing to wait on but the file itself
+
+
+def cmd_vmm_run(args: argparse.Namespace) -> int:
+    from luo.vmm.live.main import run_vmm
+
+    return run_vmm(args.runtime_dir, args.name, args.mem, args.cpus, args.image, args.cmdline)
+
+
+def cmd_vmm_successor(args: argparse.Namespace) -> int:
+    from luo.vmm.live.main import run_successor
+
+    return run_successor(args.runtime_dir, args.name, args.channel)
+
+
+def add_vm_commands(sub: Any) -> None:
+    def sp(parent: Any, name: str, fn: Any, help: str | None) -> argparse.ArgumentParser:
+        kw: dict[str, Any] = {"help": help} if help else {}
+        p = parent.add_parser(name, **kw)
+        p.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.set_defaults(fn=fn)
+        return p
+
+    vm = sub.add_parser("vm", help="VMs under the host")
+    vsub = vm.add_subparsers(dest="vm_command", required=True)
+    s = sp(vsub, "start", cmd_vm_start, "start a VM (default: the test guest)")
+    s.add_argument("name")
+    s.add_argument("--mem", default="256M")
+    s.add_argument("--cpus", type=int, default=2)
+    s.add_argument("--image", default=None)
+    s.add_argument("--cmdline", default=None)
+    s = sp(vsub, "list", cmd_vm_list, "list VMs")
+    s.add_argument("--json", action="store_true")
+    s = sp(vsub, "stop", cmd_vm_stop, "stop a VM")
+    s.add_argument("name")
+    s = sp(vsub, "console", cmd_vm_console, "print a VM's console")
+    s.add_argument("name")
+    s.add_argument("--follow", "-f", action="store_true")
+
+    vmm = sub.add_parser("vmm", help=argparse.SUPPRESS)
+    msub = vmm.add_subparsers(dest="vmm_command", required=True)
+    r = sp(msub, "run", cmd_vmm_run, None)
+    r.add_argument("--name", required=True)
+    r.add_argument("--mem", default="256M")
+    r.add_argument("--cpus", type=int, default=2)
+    r.add_argument("--image", default=None)
+    r.add_argument("--cmdline", default=None)
+    r = sp(msub, "successor", cmd_vmm_successor, None)
+    r.add_argument("--name", required=True)
+    r.add_argument("--channel", type=int, required=True)
+
+
+__all__ = ["add_vm_commands"]

@@ -1,0 +1,345 @@
+"""VMs under the host: starting VMM processes, talking to them as LUO participants, and the
+``vmm`` subsystem that carries them through prepare, freeze, cancel and the handover.
+
+A VMM registers on a control connection of its own; the host then sends it requests on that
+connection (prepare, freeze, cancel, handed_over) and it answers each with ``reply: true``. The
+host spawns each VMM's successor from the *new* version at prepare, so whatever the successor
+can build before the pause (imports, VM, memslots, vCPUs) is built while the guest runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from luo.core.participants import Subsystem
+from luo.errors import LuoError
+from luo.host.runtime import RuntimeDir, write_atomic
+from luo.host.wire import ok, recv_msg, send_msg
+
+if TYPE_CHECKING:
+    from luo.host.daemon import Conn, Host, Reply
+
+log = logging.getLogger("luod")
+
+VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+SESSION_PREFIX = "vm:"
+
+
+def session_name(vm: str) -> str:
+    return SESSION_PREFIX + vm
+
+
+@dataclass
+class VmEntry:
+    name: str
+    pid: int
+    conn: Conn | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None  # when this host started the VMM itself
+    successor: subprocess.Popen[bytes] | None = None
+    report: dict[str, Any] | None = None  # blackout accounting sent by a successor VMM
+    state: str = "starting"
+
+
+class VmSupervisor:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.runtime: RuntimeDir = host.runtime
+        self.vms: dict[str, VmEntry] = {}
+        self.successor_cmd: list[str] = [sys.executable, "-m", "luo"]
+        self.request_timeout = 120.0
+        incoming = [s for s in _incoming_session_names(host) if s.startswith(SESSION_PREFIX)]
+        self.expected = {s[len(SESSION_PREFIX):] for s in incoming}
+
+    # -- status & ops ------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"vms": [self.describe(v) for v in self.vms.values()]}
+
+    def describe(self, v: VmEntry) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": v.name, "pid": v.pid, "state": v.state, "session": session_name(v.name)}
+        for k in ("mem", "cpus", "image", "cmdline"):
+            if k in v.info:
+                d[k] = v.info[k]
+        d["console"] = str(self.runtime.vm_dir(v.name) / "console.log")
+        return d
+
+    def op_register(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
+        name = str(msg.get("name", ""))
+        old = self.vms.get(name)
+        if old is not None and old.conn is not None and old.conn is not c:
+            raise LuoError(errno.EEXIST, f"VM {name!r} is already registered by pid {old.pid}")
+        v = old or VmEntry(name, int(msg.get("pid", c.peer.pid)))
+        v.pid = c.peer.pid
+        v.conn = c
+        v.info = dict(msg.get("info", {}))
+        v.report = msg.get("report")
+        v.state = "running"
+        self.vms[name] = v
+        c.extra["participant"] = True
+        c.on_close = lambda: self._gone(v, c)
+        log.info("vm %s registered by VMM pid %d", name, v.pid)
+        return ok(), []
+
+    def _gone(self, v: VmEntry, c: Conn) -> None:
+        if v.conn is c:
+            v.conn = None
+            code = v.proc.poll() if v.proc else None
+            v.state = "exited" if code is None else f"exited ({code})"
+            log.info("vm %s: VMM pid %d is gone", v.name, v.pid)
+
+    def op_start(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
+        name = str(msg.get("name", ""))
+        if not VM_NAME.match(name):
+            raise LuoError(errno.EINVAL, f"VM name {name!r}: letters, digits, '_', '.', '-', at most 48")
+        if name in self.vms and self.vms[name].conn is not None:
+            raise LuoError(errno.EEXIST, f"VM {name!r} is already running (pid {self.vms[name].pid})")
+        vdir = self.runtime.vm_dir(name)
+        vdir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "luo", "--runtime-dir", str(self.runtime.root),
+                "vmm", "run", "--name", name, "--mem", str(msg.get("mem", "256M")),
+                "--cpus", str(int(msg.get("cpus", 2)))]
+        if msg.get("image"):
+            argv += ["--image", str(msg["image"])]
+        if msg.get("cmdline") is not None:
+            argv += ["--cmdline", str(msg["cmdline"])]
+        logf = open(vdir / "vmm.log", "ab")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    start_new_session=True)
+        finally:
+            logf.close()
+        v = VmEntry(name, proc.pid, proc=proc)
+        self.vms[name] = v
+
+        def poll() -> Reply | None:
+            if v.state == "running":
+                return ok(vm=self.describe(v)), []
+            if proc.poll() is not None:
+                tail = _tail(vdir / "vmm.log")
+                return {"errno": errno.EIO, "error": f"VMM for {name!r} exited with {proc.returncode}: {tail}"}, []
+            return None
+
+        def timeout() -> Reply:
+            return {"errno": errno.ETIMEDOUT, "error": f"VMM for {name!r} did not register in time"}, []
+
+        return self.host.defer(c, poll, float(msg.get("timeout", 60.0)), timeout)
+
+    def op_list(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
+        return ok(vms=[self.describe(v) for v in self.vms.values()]), []
+
+    def op_stop(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
+        name = str(msg.get("name", ""))
+        v = self.vms.get(name)
+        if v is None or v.conn is None:
+            raise LuoError(errno.ENOENT, f"no running VM {name!r}")
+        self._ask([v], {"op": "stop"}, 30.0)
+        v.state = "stopped"
+        return ok(), []
+
+    def op_wait_update(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """Answer once every VM that crossed the update has reported its blackout."""
+
+        def poll() -> Reply | None:
+            if all(n in self.vms and self.vms[n].report for n in self.expected):
+                return ok(update=self.update_record()), []
+            return None
+
+        def timeout() -> Reply:
+            missing = sorted(n for n in self.expected if not (n in self.vms and self.vms[n].report))
+            rec = self.update_record()
+            rec["missing_vms"] = missing
+            return ok(update=rec), []
+
+        return self.host.defer(c, poll, float(msg.get("wait", 30.0)), timeout)
+
+    def update_record(self) -> dict[str, Any]:
+        rec = dict(self.host.last_update or {})
+        rec["vms"] = {n: self.vms[n].report for n in sorted(self.expected) if n in self.vms and self.vms[n].report}
+        if rec.get("liveupdate_number") is not None and rec["vms"]:
+            path = self.runtime.updates / f"{int(rec['liveupdate_number']):06d}.json"
+            if not path.exists():
+                import json
+
+                write_atomic(path, json.dumps(rec, indent=1) + "\n")
+        return rec
+
+    # -- participant requests ----------------------------------------------------------
+    def running(self) -> list[VmEntry]:
+        return [v for v in self.vms.values() if v.conn is not None and v.state != "stopped"]
+
+    def _ask(self, vms: list[VmEntry], msg: dict, timeout: float,
+             fds_for: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
+        """Send one request to each VMM, then collect every answer (they work in parallel)."""
+        sent: list[VmEntry] = []
+        errors: list[str] = []
+        for v in vms:
+            try:
+                assert v.conn is not None
+                send_msg(v.conn.sock, msg, (fds_for or {}).get(v.name, []))
+                sent.append(v)
+            except OSError as e:
+                errors.append(f"{v.name}: {e.strerror}")
+        answers: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        for v in sent:
+            assert v.conn is not None
+            try:
+                v.conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                got = recv_msg(v.conn.sock)
+            except (TimeoutError, OSError):
+                got = None
+            finally:
+                if v.conn.sock.fileno() >= 0:
+                    v.conn.sock.settimeout(None)
+            if got is None:
+                errors.append(f"{v.name}: VMM pid {v.pid} did not answer {msg['op']}")
+                continue
+            reply, rfds = got
+            for fd in rfds:
+                os.close(fd)
+            answers[v.name] = reply
+            if reply.get("errno"):
+                errors.append(f"{v.name}: {reply.get('error', os.strerror(int(reply['errno'])))}")
+        if errors:
+            raise _Partial(answers, errors)
+        return answers
+
+    def spawn_successor(self, v: VmEntry) -> int:
+        """Start v's successor VMM from the new version; returns the old VMM's end of their channel."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        vdir = self.runtime.vm_dir(v.name)
+        argv = [*self.successor_cmd, "--runtime-dir", str(self.runtime.root), "vmm", "successor",
+                "--name", v.name, "--channel", str(theirs.fileno())]
+        logf = open(vdir / "vmm.log", "ab")
+        try:
+            v.successor = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                           stdout=logf, stderr=logf, start_new_session=True)
+        finally:
+            logf.close()
+            theirs.close()
+        return mine.detach()
+
+    def kill_successors(self) -> None:
+        for v in self.vms.values():
+            if v.successor is not None:
+                if v.successor.poll() is None:
+                    v.successor.kill()
+                v.successor.wait()
+                v.successor = None
+
+    def handed_over(self) -> None:
+        for v in self.running():
+            try:
+                assert v.conn is not None
+                send_msg(v.conn.sock, {"op": "handed_over"})
+            except OSError:
+                pass
+            v.successor = None  # it belongs to the next host now
+
+
+class _Partial(LuoError):
+    def __init__(self, answers: dict[str, dict[str, Any]], errors: list[str]) -> None:
+        super().__init__(errno.EIO, "; ".join(errors))
+        self.answers = answers
+
+
+class VmmSubsystem(Subsystem):
+    """The ``vmm`` subsystem: VMs are the workloads that freeze suspends.
+
+    Its u64 is the number of VMs that crossed. When it fails it undoes its own partial work,
+    because LUO does not cancel the participant that failed.
+    """
+
+    name = "vmm"
+
+    def __init__(self, sup: VmSupervisor) -> None:
+        self.sup = sup
+        self.prepared: list[VmEntry] = []
+        self.frozen: list[VmEntry] = []
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    def prepare(self) -> int:
+        vms = self.sup.running()
+        channels: dict[str, list[int]] = {}
+        try:
+            for v in vms:
+                channels[v.name] = [self.sup.spawn_successor(v)]
+            answers = self.sup._ask(vms, {"op": "prepare"}, self.sup.request_timeout, channels)
+        except LuoError as e:
+            ok_ones = [v for v in vms if v.name in getattr(e, "answers", {})]
+            self._cancel(ok_ones)
+            self.sup.kill_successors()
+            raise
+        finally:
+            for fds in channels.values():
+                for fd in fds:
+                    os.close(fd)
+        self.prepared = vms
+        self.timings = {n: dict(a) for n, a in answers.items()}
+        return len(vms)
+
+    def freeze(self, data: int) -> int:
+        try:
+            answers = self.sup._ask(self.prepared, {"op": "freeze"}, 10.0)
+        except LuoError as e:
+            self._cancel(self.prepared)
+            self.sup.kill_successors()
+            raise LuoError(e.errno, f"freezing VMs failed: {e.message}") from None
+        for n, a in answers.items():
+            self.timings.setdefault(n, {}).update(a)
+        self.frozen = list(self.prepared)
+        return len(self.frozen)
+
+    def _cancel(self, vms: list[VmEntry]) -> None:
+        try:
+            self.sup._ask(vms, {"op": "cancel"}, 30.0)
+        except LuoError as e:
+            log.error("cancel: %s", e)
+
+    def cancel(self, data: int) -> None:
+        self._cancel(self.prepared)
+        self.sup.kill_successors()
+        self.prepared, self.frozen = [], []
+
+    def finish(self, data: int) -> None:
+        pass
+
+
+def _incoming_session_names(host: Host) -> list[str]:
+    try:
+        return [s["name"] for s in host.orch.status().get("sessions", [])
+                if s.get("direction") in ("in", "incoming")]
+    except Exception:  # status shape is the core's; an empty list only means nothing is expected
+        return []
+
+
+def _tail(path: os.PathLike[str] | str, n: int = 400) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace").strip().splitlines()[-1:][0] if n else ""
+    except (OSError, IndexError):
+        return ""
+
+
+def install(host: Host) -> VmSupervisor:
+    sup = VmSupervisor(host)
+    host.extensions.append(sup)
+    host.ops.update({
+        "vm_register": (sup.op_register, True),
+        "vm_start": (sup.op_start, True),
+        "vm_list": (sup.op_list, False),
+        "vm_stop": (sup.op_stop, True),
+        "wait_update": (sup.op_wait_update, False),
+    })
+    return sup

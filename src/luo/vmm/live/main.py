@@ -1,0 +1,66 @@
+"""Process entry points of a VMM under luo: ``luo vmm run`` and ``luo vmm successor``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from luo.host.procname import set_process_name
+from luo.host.runtime import RuntimeDir, resolve_runtime_dir
+
+DEFAULT_CMDLINE = "hb_ms=100 stall_ms=50"
+
+
+def default_image() -> str:
+    env = os.environ.get("LUO_GUEST_IMAGE")
+    if env:
+        return env
+    return str(Path(__file__).resolve().parents[4] / "guest" / "build" / "luo-guest.elf")
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+def _logging(name: str) -> None:
+    logging.basicConfig(level=os.environ.get("LUO_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s luo-vmm:{name}[{os.getpid()}] %(levelname)s %(message)s")
+
+
+def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str | None, cmdline: str | None) -> int:
+    from luo.vmm.devices.console_sink import FileConsoleSink
+    from luo.vmm.live.host_link import HostLink
+    from luo.vmm.live.outgoing import RunningVmm
+    from luo.vmm.live.statefile import create_state_memfd
+    from luo.vmm.vm import Vm
+
+    _logging(name)
+    set_process_name(f"luo-vmm:{name}")
+    rt = RuntimeDir(resolve_runtime_dir(runtime_dir))
+    vdir = rt.vm_dir(name)
+    vdir.mkdir(parents=True, exist_ok=True)
+    image = image or default_image()
+    cmdline = DEFAULT_CMDLINE if cmdline is None else cmdline
+    mem_bytes = parse_size(mem)
+    vm = Vm.create(name, mem_bytes, cpus, console=FileConsoleSink(str(vdir / "console.log")))
+    vm.boot(image, cmdline)
+    state_fd = create_state_memfd(name)
+    link = HostLink(rt, name)
+    link.preserve(vm.memfd, state_fd)  # from the VM's start: nothing to preserve inside a blackout
+    vm.start()
+    info = {"mem": mem_bytes, "cpus": cpus, "image": image, "cmdline": cmdline}
+    return RunningVmm(vm, link, state_fd, info).serve()
+
+
+def run_successor(runtime_dir: str | None, name: str, channel: int) -> int:
+    _logging(name)
+    set_process_name(f"luo-vmm+:{name}")
+    from luo.vmm.live.incoming import run_successor_vmm
+
+    return run_successor_vmm(RuntimeDir(resolve_runtime_dir(runtime_dir)), name, channel)
