@@ -62,30 +62,28 @@ class Vcpu:
         self.run_addr = mmap(self.fd, self._run_size)
         self.run = S.KvmRun.from_address(self.run_addr)
         self.state = VcpuState(self.fd, index, ncpus)
-        self.thread: threading.Thread | None = None
         self._pause_req = False
         self._stop_req = False
         self.parked = threading.Event()  # set while the thread is parked or gone
         self._resume = threading.Event()
         self.exits = 0
+        # The thread starts now, parked before its first KVM_RUN: starting a thread costs
+        # milliseconds under a busy GIL, and start() is inside the blackout for a successor.
+        self.thread = threading.Thread(target=self._loop, name=f"vcpu{index}", daemon=True)
+        self.thread.start()
+        self.parked.wait()
 
     # --- control (any thread) ---
 
     def start(self) -> None:
-        """First call starts the thread; later calls resume it from the park."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name=f"vcpu{self.index}", daemon=True)
-            self.thread.start()
-        elif self.parked.is_set() and self.thread.is_alive():
+        """Let the parked thread (into) KVM_RUN: the first start and every resume alike."""
+        if self.parked.is_set() and self.thread.is_alive() and not self._stop_req:
             self.parked.clear()
             self._pause_req = False
             self.run.immediate_exit = 0
             self._resume.set()
 
     def request_pause(self) -> None:
-        if self.thread is None:
-            self.parked.set()
-            return
         self._pause_req = True
         self.run.immediate_exit = 1
         self._kick()
@@ -100,15 +98,21 @@ class Vcpu:
 
     def _kick(self) -> None:
         t = self.thread
-        if t is not None and t.is_alive() and t.ident is not None:
+        if t.is_alive() and t.ident is not None:
             try:
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
 
+    def join(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
     def close(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            raise LuoError(errno.EBUSY, f"vcpu{self.index} thread still running; stop it first")
+        if self.thread.is_alive():
+            self.request_stop()
+            if not self.join(5.0):
+                raise LuoError(errno.EBUSY, f"vcpu{self.index} thread did not stop; its fds stay open")
         if self.run_addr:
             munmap(self.run_addr, self._run_size)
             self.run_addr = 0
@@ -118,8 +122,14 @@ class Vcpu:
 
     # --- the vCPU thread ---
 
+    def _park(self) -> None:
+        self.parked.set()
+        self._resume.wait()
+        self._resume.clear()
+
     def _loop(self) -> None:
         try:
+            self._park()
             while not self._stop_req:
                 r, e = ioctl_raw(self.fd, K.KVM_RUN)
                 if r < 0:
@@ -127,9 +137,7 @@ class Vcpu:
                         self._guest_stopped(f"KVM_RUN failed: {os.strerror(e)}")
                         return
                     if self._pause_req and not self._stop_req:
-                        self.parked.set()
-                        self._resume.wait()
-                        self._resume.clear()
+                        self._park()
                     continue
                 self.exits += 1
                 if not self._handle_exit():

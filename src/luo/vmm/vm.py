@@ -203,10 +203,8 @@ class Vm:
         for v in self.vcpus:
             v.request_stop()
         for v in self.vcpus:
-            if v.thread is not None:
-                v.thread.join(PAUSE_TIMEOUT)
-                if v.thread.is_alive():
-                    raise LuoError(errno.ETIMEDOUT, f"vcpu{v.index} of VM {self.name} did not stop")
+            if not v.join(PAUSE_TIMEOUT):
+                raise LuoError(errno.ETIMEDOUT, f"vcpu{v.index} of VM {self.name} did not stop")
         self._running = False
         self._close_fds()
 
