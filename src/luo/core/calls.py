@@ -56,7 +56,7 @@ def guarded(call: Callable[[], T], who: str) -> T:
 
 
 def first_failure(
-    items: Sequence[T], call: Callable[[T], None], who: Callable[[T], str]
+    items: Sequence[T], call: Callable[[T], None], who: Callable[[T], str], op: str = ""
 ) -> tuple[int, LuoError] | None:
     """Call ``call`` on each item in order; stop at the first failure and say where and why."""
     for index, item in enumerate(items):
@@ -66,7 +66,7 @@ def first_failure(
             err = as_luo_error(exc, who(item))
             if err is not exc:
                 err.__cause__ = exc
-            log.warning("%s: %s", who(item), err)
+            log.warning("%s %s failed: %s", who(item), op, err)
             return index, err
     return None
 

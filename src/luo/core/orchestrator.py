@@ -216,13 +216,13 @@ class Orchestrator:
         """NORMAL -> PREPARED: files (global by token, then sessions), then subsystems."""
         target = self._step(Event.PREPARE)
         files = self._outgoing_files()
-        failed = first_failure(files, prepare_file, file_who)
+        failed = first_failure(files, prepare_file, file_who, "prepare")
         if failed is not None:
             index, err = failed
             must_not_fail(files[:index], cancel_file, file_who)
             raise err
         slots = self._registry.slots
-        failed = first_failure(slots, _prepare_slot, _slot_who)
+        failed = first_failure(slots, _prepare_slot, _slot_who, "prepare")
         if failed is not None:
             index, err = failed
             must_not_fail(slots[:index], _cancel_slot, _slot_who)
@@ -243,9 +243,9 @@ class Orchestrator:
 
     def _freeze_all(self, target: State) -> None:
         files = self._outgoing_files()
-        failed = first_failure(files, freeze_file, file_who)
+        failed = first_failure(files, freeze_file, file_who, "freeze")
         if failed is None:
-            failed = first_failure(self._registry.slots, _freeze_slot, _slot_who)
+            failed = first_failure(self._registry.slots, _freeze_slot, _slot_who, "freeze")
         if failed is not None:
             self._cancel_all()
             self._move(State.NORMAL, "freeze failed, update abandoned")

@@ -97,7 +97,7 @@ class FileHandler(abc.ABC):
         """Heavy work at preserve time (6.19), while the workload runs. Returns the u64 data."""
         return 0
 
-    def unpreserve(self, pf: PreservedFile) -> None:
+    def unpreserve(self, pf: PreservedFile) -> None:  # noqa: B027 (optional op, no-op default)
         """Undo preserve; the host closes ``pf.fd`` afterwards."""
 
     def prepare(self, pf: PreservedFile) -> int:
@@ -108,7 +108,7 @@ class FileHandler(abc.ABC):
         """Last delta inside the blackout. Returns the u64 data."""
         return pf.data
 
-    def cancel(self, pf: PreservedFile) -> None:
+    def cancel(self, pf: PreservedFile) -> None:  # noqa: B027 (optional op, no-op default)
         """Undo prepare/freeze (RFC v2 cancel, 6.19 unfreeze). Must not fail."""
 
     @abc.abstractmethod
@@ -118,7 +118,7 @@ class FileHandler(abc.ABC):
     def can_finish(self, inc: IncomingFile) -> bool:
         return True
 
-    def finish(self, inc: IncomingFile, reclaimed: bool) -> None:
+    def finish(self, inc: IncomingFile, reclaimed: bool) -> None:  # noqa: B027 (optional op, no-op default)
         """Finish; a file never reclaimed is discarded. Must not fail. The host closes ``inc.fd``."""
 
     def describe(self, fd: int) -> dict[str, str]:
