@@ -41,8 +41,9 @@ def test_round_trip(world: World) -> None:
     assert [(s.name, [f.token for f in s.files]) for s in record.sessions] == [("vm1", [5, 2]), ("empty", [])]
     assert [f.fd_index for f in record.all_files()] == [0, 1, 2, 3]
     assert len(fds) == 4 and fds[:2] == g
-    assert record.files[0].meta == {"pid": "10", "uid": "0", "comm": "vmm"}
+    assert record.files[0].meta == {"pid": "10", "uid": "0", "comm": "vmm", "kind": "mem", "size": "2"}
     assert record.sessions[0].files[0].meta["session"] == "vm1"
+    assert record.sessions[0].files[0].meta["size"] == "3"  # describe() facts travel too
     assert record.sessions[0].meta == {"pid": "11", "uid": "1", "comm": "agent"}
 
     new = build(world, record, fds)

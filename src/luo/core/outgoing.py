@@ -1,5 +1,9 @@
 """The record the successor receives: built from the frozen outgoing state, with no I/O.
 
+Each ``FileRecord.meta`` holds the handler's ``describe(fd)`` facts (e.g. a memfd's ``name`` and
+``size``), the owner (``pid``, ``uid``, ``comm``) and, for session files, ``session``; the
+successor shows them in status and the host names preserved memory with ``name``.
+
 ``fd_index`` numbers the fds in the order they are listed here (global table by token, then
 sessions in creation order, each in preservation order); the host sends that array next to the
 tree (SCM_RIGHTS) and ``luo.kho`` serializes the record.
@@ -10,9 +14,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from luo.core.handover import FileRecord, LuoRecord, SessionRecord
-from luo.core.participants import Owner, PreservedFile
+from luo.core.participants import FileHandler, Owner, PreservedFile
 from luo.core.registry import SubsystemSlot
 from luo.core.session import OutgoingSession
+
+
+def safe_describe(handler: FileHandler | None, fd: int) -> dict[str, str]:
+    """``handler.describe(fd)`` as strings; a failing describe yields its error, never raises."""
+    if handler is None:
+        return {}
+    try:
+        return {str(k): str(v) for k, v in dict(handler.describe(fd)).items()}
+    except Exception as exc:
+        return {"describe_error": repr(exc)}
 
 
 def owner_meta(owner: Owner) -> dict[str, str]:
@@ -40,7 +54,9 @@ def build_record(
     fds: list[int] = []
 
     def record(pf: PreservedFile) -> FileRecord:
-        meta = owner_meta(pf.owner)
+        # The handler's facts (a memfd's name and size...) first; owner and session win on clashes.
+        meta = safe_describe(pf.handler, pf.fd)
+        meta.update(owner_meta(pf.owner))
         if pf.session is not None:
             meta["session"] = pf.session
         fds.append(pf.fd)

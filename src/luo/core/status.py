@@ -5,18 +5,9 @@ Status must never fail because a handler's ``describe`` does: its error is shown
 
 from __future__ import annotations
 
-from luo.core.outgoing import owner_from_meta
-from luo.core.participants import FileHandler, IncomingFile, Owner, PreservedFile
+from luo.core.outgoing import owner_from_meta, safe_describe
+from luo.core.participants import IncomingFile, Owner, PreservedFile
 from luo.core.registry import Registry
-
-
-def describe(handler: FileHandler | None, fd: int) -> dict[str, object]:
-    if handler is None:
-        return {}
-    try:
-        return {str(k): str(v) for k, v in dict(handler.describe(fd)).items()}
-    except Exception as exc:
-        return {"describe_error": repr(exc)}
 
 
 def owner_json(owner: Owner) -> dict[str, object]:
@@ -35,7 +26,7 @@ def outgoing_file(pf: PreservedFile) -> dict[str, object]:
         "prepared": pf.prepared,
         "frozen": pf.frozen,
     }
-    return {**describe(pf.handler, pf.fd), **entry}
+    return {**safe_describe(pf.handler, pf.fd), **entry}
 
 
 def incoming_file(registry: Registry, inc: IncomingFile) -> dict[str, object]:
@@ -49,4 +40,4 @@ def incoming_file(registry: Registry, inc: IncomingFile) -> dict[str, object]:
         "fd": inc.fd,
         "retrieved": inc.retrieved,
     }
-    return {**describe(registry.handler_for(inc.compatible), inc.fd), **entry}
+    return {**safe_describe(registry.handler_for(inc.compatible), inc.fd), **entry}
