@@ -63,7 +63,8 @@ class Host:
         self.last_update: dict[str, Any] | None = None
         self.waiters: list[Waiter] = []
         self.extensions: list[Any] = []
-        self.vms: Any = None  # the VmSupervisor, once installed  # e.g. the VM supervisor: status() and ops
+        self.vms: Any = None  # the VmSupervisor, once installed
+        self.after_start: list[Callable[[], None]] = []  # work that may wait until requests are served  # e.g. the VM supervisor: status() and ops
         self.ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
         self.session_ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
         from luo.host import ops
@@ -111,7 +112,7 @@ class Host:
                 log.info("session %s closed while %s; unpreserving after the update settles",
                          getattr(handle, "name", "?"), self.orch.state.label)
                 self.deferred_session_closes.append(handle)
-            elif e.errno not in (errno.ENOENT, errno.EINVAL):
+            elif e.errno not in (errno.ENOENT, errno.EINVAL, errno.EBADF):
                 log.warning("closing session %s: %s", getattr(handle, "name", "?"), e)
         self.close_released()
 
@@ -128,10 +129,12 @@ class Host:
         self.publish_state()
         self.runtime.write_pid(os.getpid())
         log.info("luod %d serving %s in state %s", os.getpid(), self.runtime.socket, self.orch.state.label)
+        idle_work = list(self.after_start)
         while not self.exit_after_step:
-            timeout = None
+            timeout = 0.0 if idle_work else None
             if self.waiters:
-                timeout = max(0.0, min(w.deadline for w in self.waiters) - time.monotonic())
+                until = max(0.0, min(w.deadline for w in self.waiters) - time.monotonic())
+                timeout = until if timeout is None else min(timeout, until)
             for key, _ in self.sel.select(timeout=timeout):
                 if key.data is None:
                     self.accept()
@@ -140,6 +143,8 @@ class Host:
                 if self.exit_after_step:
                     break
             self.run_waiters()
+            if idle_work:
+                idle_work.pop(0)()
 
     def defer(self, conn: Conn, poll: Callable[[], Reply | None], timeout: float,
               on_timeout: Callable[[], Reply]) -> Reply:

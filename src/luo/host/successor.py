@@ -24,6 +24,7 @@ from luo.host.handover import read_blob, recv_handover
 from luo.host.procname import set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.setup import host_subsystems, known_compatibles, make_host
+from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.kho import parse_tree
 
@@ -44,9 +45,29 @@ def _check(blob: bytes, known: set[str], fd_count: int | None = None) -> Any:
     return record
 
 
+def _warm(runtime: RuntimeDir) -> None:
+    """Run once, while the workloads still run, every path the handover will take: imports,
+    first-call caches, a throwaway host. Python's first call of anything costs milliseconds."""
+    import luo.client.update  # noqa: F401
+    import luo.host.update  # noqa: F401
+    import luo.kho.dts  # noqa: F401
+    from luo.core.handover import LuoRecord
+
+    dummy = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        blob = tree_for(LuoRecord(liveupdate_number=0))
+        record = _check(blob, known_compatibles(_handlers()))
+        orch = Orchestrator(handlers=_handlers(), incoming=record, incoming_fds=[])
+        host = make_host(runtime, orch, dummy)
+        host.sel.close()
+    finally:
+        dummy.close()
+
+
 def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     set_process_name("luod-next")
     ch = socket.socket(fileno=channel_fd)
+    _warm(runtime)
     handlers = _handlers()
     known = known_compatibles(handlers)
     send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known)})
@@ -95,21 +116,23 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], runtime: RuntimeDir
         for fd in h.fds + [h.listener]:
             os.close(fd)  # the outgoing host still holds its own copies: nothing is released
         return 2
+    listener = socket.socket(fileno=h.listener)
+    host = make_host(runtime, orch, listener, incoming_blob=h.blob)  # all set up before confirming
     t_adopt = time.perf_counter()
     timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
     send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
     got = recv_msg(ch)
-    old_phases = got[0].get("phases_ms", {}) if got is not None else {}
     if got is not None and got[0].get("op") == "abort":
         log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
         return 4
+    old_phases = got[0].get("phases_ms", {}) if got is not None else {}
     ch.close()
     set_process_name("luod")
-    listener = socket.socket(fileno=h.listener)
-    host = make_host(runtime, orch, listener, incoming_blob=h.blob)
     host.last_update = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
-                        "phases_ms": old_phases,
-                        "pid": os.getpid(), "time": time.time()}
-    write_atomic(runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n")
+                        "phases_ms": old_phases, "pid": os.getpid(), "time": time.time()}
+    host.after_start.append(lambda: write_atomic(
+        runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n"))
     host.serve_forever()
-    return 0
+    from luo.host.main import exit_now
+
+    return exit_now()

@@ -217,6 +217,7 @@ class VmSupervisor:
         """Start v's successor VMM from the new version; returns the old VMM's end of their channel."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         vdir = self.runtime.vm_dir(v.name)
+        vdir.mkdir(parents=True, exist_ok=True)
         argv = [*self.successor_cmd, "--runtime-dir", str(self.runtime.root), "vmm", "successor",
                 "--name", v.name, "--channel", str(theirs.fileno())]
         logf = open(vdir / "vmm.log", "ab")

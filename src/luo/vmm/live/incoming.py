@@ -8,7 +8,6 @@ resume. Re-preserving and registering happen after the guest runs again.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -73,7 +72,6 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     if got is None or got[0].get("op") != "go":
         vm.stop()
         return 0
-    t_go = time.monotonic_ns()
     try:
         ram2, state2 = link.take_incoming()
     except LuoError as e:

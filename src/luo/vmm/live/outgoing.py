@@ -48,7 +48,10 @@ class RunningVmm:
         while True:
             got = recv_msg(sock)
             if got is None:
-                log.warning("vm %s: the host went away outside an update; re-registering", self.vm.name)
+                log.warning("vm %s: the host went away outside an update; preserving again with the next one",
+                            self.vm.name)
+                self.link.client.close()
+                self.link.preserve(self.vm.memfd, self.state_fd)
                 sock = self.link.register(self.info)
                 continue
             msg, fds = got
