@@ -195,6 +195,12 @@ class VcpuState:
         ioctl(fd, K.KVM_SET_VCPU_EVENTS, S.KvmVcpuEvents.from_buffer_copy(b["events"]), "KVM_SET_VCPU_EVENTS")
         ioctl(fd, K.KVM_SET_DEBUGREGS, S.KvmDebugregs.from_buffer_copy(b["debugregs"]), "KVM_SET_DEBUGREGS")
 
+    def regs(self) -> S.KvmRegs:
+        """General registers now (for tests and diagnostics; the vCPU must be parked)."""
+        r = S.KvmRegs()
+        ioctl(self.fd, K.KVM_GET_REGS, r, "KVM_GET_REGS")
+        return r
+
     def describe(self) -> str:
         """Registers for a log line when the guest dies."""
         r, s = S.KvmRegs(), S.KvmSregs()

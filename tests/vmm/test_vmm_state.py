@@ -1,0 +1,50 @@
+"""The state record format: round trip, and refusal of records that are not ours."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from luo.errors import LuoError
+from luo.vmm.state import MAGIC, build_record, check_version, pack_blobs, parse_record, unpack_blobs
+
+
+def test_roundtrip() -> None:
+    comps = {"vcpu0": (1, pack_blobs({"regs": b"\x01" * 144, "empty": b""})), "uart": (3, b'{"x":1}')}
+    meta, got = parse_record(build_record({"ncpus": 1}, comps))
+    assert meta == {"ncpus": 1}
+    assert got["uart"] == (3, b'{"x":1}')
+    assert unpack_blobs(got["vcpu0"][1]) == {"regs": b"\x01" * 144, "empty": b""}
+
+
+def test_unknown_record_version_refused() -> None:
+    rec = bytearray(build_record({}, {}))
+    struct.pack_into("<I", rec, 8, 99)
+    with pytest.raises(LuoError) as ei:
+        parse_record(bytes(rec))
+    assert ei.value.errno == errno.EPROTO
+
+
+def test_bad_magic_and_truncation_refused() -> None:
+    rec = build_record({}, {"a": (1, b"xyz")})
+    with pytest.raises(LuoError) as ei:
+        parse_record(b"NOTLUO!!" + rec[8:])
+    assert ei.value.errno == errno.EINVAL
+    with pytest.raises(LuoError) as ei:
+        parse_record(rec[:-1])
+    assert ei.value.errno == errno.EINVAL
+    assert rec.startswith(MAGIC)
+
+
+def test_component_version_refused() -> None:
+    with pytest.raises(LuoError) as ei:
+        check_version("uart16550", 2, 1)
+    assert ei.value.errno == errno.EPROTO
+    assert "uart16550" in ei.value.message
+
+
+def test_truncated_blobs_refused() -> None:
+    with pytest.raises(LuoError):
+        unpack_blobs(pack_blobs({"a": b"12345"})[:-2])
