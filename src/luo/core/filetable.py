@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 from luo.core.calls import check_u64, guarded, must_not_fail
+from luo.core.fds import FdLedger
 from luo.core.participants import FileHandler, IncomingFile, Owner, PreservedFile
 from luo.core.registry import Registry
 from luo.errors import LuoError
@@ -111,10 +112,10 @@ def preserve_file(
     return pf
 
 
-def unpreserve_file(pf: PreservedFile, released: list[int]) -> None:
+def unpreserve_file(pf: PreservedFile, ledger: FdLedger) -> None:
     """Undo preserve (must not fail) and hand the fd back for closing."""
     must_not_fail([pf], lambda p: p.handler.unpreserve(p), lambda p: f"{_who(p)} unpreserve")
-    released.append(pf.fd)
+    ledger.release(pf.fd)
 
 
 def prepare_file(pf: PreservedFile) -> None:
@@ -208,8 +209,8 @@ def first_veto(registry: Registry, files: list[IncomingFile]) -> IncomingFile | 
     return None
 
 
-def finish_files(registry: Registry, files: list[IncomingFile], released: list[int]) -> None:
-    """Finish each file in the given order (reclaimed = retrieved); their fds go to ``released``."""
+def finish_files(registry: Registry, files: list[IncomingFile], ledger: FdLedger) -> None:
+    """Finish each file in the given order (reclaimed = retrieved); their fds are released."""
 
     def finish(inc: IncomingFile) -> None:
         try:
@@ -219,6 +220,6 @@ def finish_files(registry: Registry, files: list[IncomingFile], released: list[i
             else:
                 handler.finish(inc, inc.retrieved)
         finally:
-            released.append(inc.fd)
+            ledger.release(inc.fd)
 
     must_not_fail(files, finish, lambda i: f"{_who_in(i)} finish")

@@ -53,6 +53,7 @@ from collections.abc import Sequence
 
 from luo.core import filetable, status
 from luo.core.calls import U64_MAX, check_token, check_u64, first_failure, must_not_fail
+from luo.core.fds import FdLedger
 from luo.core.filetable import OutgoingFiles, cancel_file, file_who, freeze_file, prepare_file
 from luo.core.handover import LuoRecord
 from luo.core.incoming import IncomingSession, IncomingState, load_incoming
@@ -103,7 +104,7 @@ class Orchestrator:
         self._global = OutgoingFiles("token", None, "global table")
         self._sessions: dict[str, OutgoingSession] = {}  # creation order
         self._incoming: IncomingState | None = None
-        self._released: list[int] = []
+        self._fds = FdLedger()
         self._next_token = 0
         self._handed_over = False
         # Participants first: if one is refused, no incoming fd has been taken yet.
@@ -118,7 +119,9 @@ class Orchestrator:
             self.liveupdate_number = 0
         else:
             self._incoming = load_incoming(incoming, incoming_fds)
-            self._released.extend(self._incoming.unused_fds)
+            for inc in self._incoming_files():
+                self._fds.hold(inc.fd)
+            self._fds.release_all(self._incoming.unused_fds)
             self._state = State.UPDATED
             self.liveupdate_number = (incoming.liveupdate_number + 1) & U64_MAX
             log.info(
@@ -188,9 +191,10 @@ class Orchestrator:
         else:
             check_token(token)
         self._global.check_room(token)
-        self._check_new_fd(fd)
+        self._fds.check_new(fd)
         pf = filetable.preserve_file(self._registry, fd, token, owner or Owner(), None)
         self._global.add(pf)
+        self._fds.hold(fd)
         if auto:
             self._next_token = token + 1
         log.debug("preserved fd %d as token %d (%s)", fd, token, pf.compatible)
@@ -200,7 +204,7 @@ class Orchestrator:
         require("unpreserve", self._state)
         check_token(token)
         pf = self._global.remove(token)
-        filetable.unpreserve_file(pf, self._released)
+        filetable.unpreserve_file(pf, self._fds)
 
     def restore_fd(self, token: int) -> int:
         """After the update: a new fd for an incoming global file (once per token)."""
@@ -270,7 +274,7 @@ class Orchestrator:
         veto = filetable.first_veto(self._registry, self._incoming_files())
         if veto is not None:
             raise LuoError(errno.EBUSY, f"incoming file {veto.token} ({veto.compatible}) cannot finish yet")
-        filetable.finish_files(self._registry, incoming.files.ordered(), self._released)
+        filetable.finish_files(self._registry, incoming.files.ordered(), self._fds)
         incoming.files.clear()
         for session in incoming.sessions.values():
             if not session.gone:
@@ -319,6 +323,7 @@ class Orchestrator:
         if self._state is not State.FROZEN or self._handed_over:
             raise LuoError(errno.EINVAL, f"handover can only complete in the frozen state, not {self._state.label}")
         fds = [pf.fd for pf in self._outgoing_files()]
+        self._fds.forget(fds)
         self._global.clear()
         for session in self._sessions.values():
             session.files.clear()
@@ -332,8 +337,7 @@ class Orchestrator:
 
     def take_released_fds(self) -> list[int]:
         """fds the core no longer needs; the host closes them. Returns and clears the list."""
-        fds, self._released = self._released, []
-        return fds
+        return self._fds.take_released()
 
     # -------------------------------------------------------------- sessions
 
@@ -362,7 +366,7 @@ class Orchestrator:
             require("close_outgoing_session", self._state)
             files = session.files.ordered()
             for pf in reversed(files):
-                filetable.unpreserve_file(pf, self._released)
+                filetable.unpreserve_file(pf, self._fds)
             session.files.clear()
             session.gone = True
             del self._sessions[session.name]
@@ -387,9 +391,10 @@ class Orchestrator:
         require("preserve", self._state)
         check_token(token)
         session.files.check_room(token)
-        self._check_new_fd(fd)
+        self._fds.check_new(fd)
         pf = filetable.preserve_file(self._registry, fd, token, session.owner, session.name)
         session.files.add(pf)
+        self._fds.hold(fd)
         return token
 
     def _session_retrieve_fd(self, handle: SessionHandle, token: int) -> int:
@@ -415,7 +420,7 @@ class Orchestrator:
 
     def _settle_session(self, session: IncomingSession) -> None:
         """Finish every file in reverse order (never retrieved ones are discarded); drop the session."""
-        filetable.finish_files(self._registry, list(reversed(session.files.ordered())), self._released)
+        filetable.finish_files(self._registry, list(reversed(session.files.ordered())), self._fds)
         session.files.clear()
         session.gone = True
 
@@ -442,13 +447,6 @@ class Orchestrator:
             if not session.gone:
                 files.extend(session.files.ordered())
         return files
-
-    def _check_new_fd(self, fd: int) -> None:
-        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
-            raise LuoError(errno.EBADF, f"{fd!r} is not a file descriptor")
-        held = {pf.fd for pf in self._outgoing_files()} | {inc.fd for inc in self._incoming_files()}
-        if fd in held:
-            raise LuoError(errno.EBUSY, f"fd {fd} is already held by LUO")
 
     # ---------------------------------------------------------------- status
 
