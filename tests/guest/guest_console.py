@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 BOOT_RE = re.compile(r'^luo-guest boot cpus=(\d+) mem=(\d+) boot_id=([0-9a-f]{16}) cmdline="(.*)"$')
@@ -18,7 +19,9 @@ READY = "luo-guest ready"
 HEARTBEAT_RE = re.compile(r"^heartbeat seq=(\d+) mono_ns=(\d+) boot_id=([0-9a-f]{16}) integrity=(ok|FAIL)$")
 INTEGRITY_START_RE = re.compile(r"^integrity start addr=0x([0-9a-f]+) bytes=(\d+)$")
 INTEGRITY_PASS_RE = re.compile(r"^integrity pass=(\d+) bytes=(\d+)$")
-INTEGRITY_FAIL_RE = re.compile(r"^integrity FAIL addr=0x([0-9a-f]+) expected=0x([0-9a-f]+) got=0x([0-9a-f]+)$")
+INTEGRITY_FAIL_RE = re.compile(
+    r"^integrity FAIL addr=0x([0-9a-f]+) expected=0x([0-9a-f]+) got=0x([0-9a-f]+)$"
+)
 STALL_RE = re.compile(r"^stall gap_ns=(\d+) cpu=(\d+)$")
 FATAL = "luo-guest FATAL"
 
@@ -39,6 +42,11 @@ class Boot:
     mem: int
     boot_id: str
     cmdline: str
+
+
+def mono_gaps(hbs: list[Heartbeat]) -> list[int]:
+    """mono_ns between consecutive heartbeats."""
+    return [b.mono_ns - a.mono_ns for a, b in pairwise(hbs)]
 
 
 def boots(lines: Lines) -> list[Boot]:
@@ -112,7 +120,9 @@ def wait_file(path: Path, pred: Callable[[Lines], bool], timeout: float, alive: 
             if pred(lines):
                 return lines
         if time.monotonic() > deadline or not alive():
-            raise AssertionError(f"guest console {path} did not get there in time:\n" + "\n".join(lines[-40:]))
+            raise AssertionError(
+                f"guest console {path} did not get there in time:\n" + "\n".join(lines[-40:])
+            )
         time.sleep(0.05)  # the file has no change notification we can block on portably
 
 

@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import GUEST_DIR
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None, reason="needs gcc and make")
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("make") is None, reason="needs gcc and make"
+)
 
 
 def test_make_builds_a_bootable_elf(tmp_path: Path) -> None:
     out = tmp_path / "build"
-    subprocess.run(["make", "-s", "-C", str(GUEST_DIR), f"BUILD={out}"], check=True, capture_output=True, text=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(GUEST_DIR), f"BUILD={out}"], check=True, capture_output=True, text=True
+    )
     img = (out / "luo-guest.elf").read_bytes()
     assert img[:4] == b"\x7fELF" and img[4] == 2  # ELF64
     e_machine = struct.unpack_from("<H", img, 18)[0]
@@ -39,16 +43,22 @@ def test_make_builds_a_bootable_elf(tmp_path: Path) -> None:
 def test_clean_removes_the_build(tmp_path: Path) -> None:
     out = tmp_path / "build"
     subprocess.run(["make", "-s", "-C", str(GUEST_DIR), f"BUILD={out}"], check=True, capture_output=True)
-    subprocess.run(["make", "-s", "-C", str(GUEST_DIR), f"BUILD={out}", "clean"], check=True, capture_output=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(GUEST_DIR), f"BUILD={out}", "clean"], check=True, capture_output=True
+    )
     assert not out.exists()
 
 
-@pytest.mark.parametrize("insn", ["popcnt %rax, %rbx", "int3", "clac", "xrstor (%rax)", "cmpxchg16b (%rax)", "fwait"])
+@pytest.mark.parametrize(
+    "insn", ["popcnt %rax, %rbx", "int3", "clac", "xrstor (%rax)", "cmpxchg16b (%rax)", "fwait"]
+)
 def test_check_insns_rejects_what_pvm_cannot_emulate(tmp_path: Path, insn: str) -> None:
     src = tmp_path / "bad.S"
     src.write_text(f".text\n.globl _start\n_start:\n    nop\n    {insn}\n    ret\n")
     elf = tmp_path / "bad.elf"
-    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-o", str(elf), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        ["gcc", "-nostdlib", "-static", "-no-pie", "-o", str(elf), str(src)], check=True, capture_output=True
+    )
     r = subprocess.run(["sh", str(GUEST_DIR / "check-insns.sh"), str(elf)], capture_output=True, text=True)
     assert r.returncode != 0
     assert "PVM" in r.stderr and insn.split()[0] in r.stderr
@@ -57,5 +67,7 @@ def test_check_insns_rejects_what_pvm_cannot_emulate(tmp_path: Path, insn: str) 
 def test_check_insns_accepts_the_guest(tmp_path: Path) -> None:
     out = tmp_path / "build"
     subprocess.run(["make", "-s", "-C", str(GUEST_DIR), f"BUILD={out}"], check=True, capture_output=True)
-    r = subprocess.run(["sh", str(GUEST_DIR / "check-insns.sh"), str(out / "luo-guest.elf")], capture_output=True)
+    r = subprocess.run(
+        ["sh", str(GUEST_DIR / "check-insns.sh"), str(out / "luo-guest.elf")], capture_output=True
+    )
     assert r.returncode == 0
