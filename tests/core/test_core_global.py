@@ -364,3 +364,21 @@ def test_constructor_refusal_takes_no_fd(world: World) -> None:
 def test_subsystem_registered_in_constructor(world: World) -> None:
     orch = Orchestrator([], [RecSubsystem(world, "a"), RecSubsystem(world, "b")])
     assert [s["name"] for s in orch.status()["subsystems"]] == ["a", "b"]  # type: ignore[index,union-attr]
+
+
+@pytest.mark.parametrize("fds", [[5, 5], [-1]])
+def test_bad_incoming_fd_array_is_refused(fds: list[int]) -> None:
+    with pytest.raises(LuoError) as exc:
+        Orchestrator(incoming=LuoRecord(0), incoming_fds=fds)
+    assert err(exc) == errno.EINVAL
+
+
+def test_retrieve_handing_out_the_cores_fd_is_refused(world: World) -> None:
+    class Lazy(RecHandler):
+        def retrieve(self, inc):  # type: ignore[no-untyped-def]
+            return inc.fd  # should have been a dup
+
+    orch, _ = updated(world, 1, handlers=[Lazy(world)])
+    with pytest.raises(LuoError) as exc:
+        orch.restore_fd(1)
+    assert err(exc) == errno.EIO

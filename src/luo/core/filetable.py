@@ -185,12 +185,18 @@ def _handler_of(registry: Registry, inc: IncomingFile) -> FileHandler:
     return handler
 
 
-def retrieve_file(registry: Registry, inc: IncomingFile) -> int:
-    """Ask the handler for a new fd for the caller; the core keeps its own copy (``inc.fd``)."""
+def retrieve_file(registry: Registry, inc: IncomingFile, ledger: FdLedger) -> int:
+    """Ask the handler for a new fd for the caller; the core keeps its own copy (``inc.fd``).
+
+    A handler that hands out an fd the core still holds (``inc.fd`` itself rather than a dup)
+    would make the host close it twice: refused with ``-EIO``.
+    """
     handler = _handler_of(registry, inc)
     fd = guarded(lambda: handler.retrieve(inc), f"{_who_in(inc)} retrieve")
     if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
         raise LuoError(errno.EIO, f"{_who_in(inc)} retrieve returned {fd!r}, not an fd")
+    if fd in ledger:
+        raise LuoError(errno.EIO, f"{_who_in(inc)} retrieve returned fd {fd}, which LUO still holds (dup it)")
     inc.retrieved = True
     return fd
 

@@ -57,6 +57,12 @@ def load_incoming(record: LuoRecord, fds: Sequence[int]) -> IncomingState:
             raise _bad(f"subsystem name {name!r}")
         _u64(data, f"data of subsystem {name!r}")
 
+    for fd in fds:
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            raise _bad(f"{fd!r} in the fd array is not a file descriptor")
+    if len(set(fds)) != len(fds):
+        raise _bad("the fd array holds the same fd twice")
+
     used: set[int] = set()
 
     def to_incoming(rec: FileRecord, session: str | None) -> IncomingFile:

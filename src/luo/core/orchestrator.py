@@ -214,7 +214,7 @@ class Orchestrator:
         inc = self._incoming.files.get(token)
         if inc.retrieved:
             raise LuoError(errno.EINVAL, f"token {token} was already restored")
-        return filetable.retrieve_file(self._registry, inc)
+        return filetable.retrieve_file(self._registry, inc, self._fds)
 
     def prepare(self) -> None:
         """NORMAL -> PREPARED: files (global by token, then sessions), then subsystems."""
@@ -402,7 +402,7 @@ class Orchestrator:
         if isinstance(session, OutgoingSession):
             raise LuoError(errno.EINVAL, f"session {session.name!r} is outgoing: nothing to retrieve")
         check_token(token)
-        return filetable.retrieve_file(self._registry, session.files.get(token))
+        return filetable.retrieve_file(self._registry, session.files.get(token), self._fds)
 
     def _session_finish(self, handle: SessionHandle) -> None:
         session = self._open_session(handle)
