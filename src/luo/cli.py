@@ -43,7 +43,8 @@ def cmd_event(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     from luo.client.update import update
 
-    result = update(args.runtime_dir, to=args.to, timeout=args.timeout, connect_timeout=args.connect_timeout)
+    result = update(args.runtime_dir, to=args.to, timeout=args.timeout, connect_timeout=args.connect_timeout,
+                    faults=args.fault)
     if args.json:
         print(json.dumps(result))
     else:
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--to", default=None, help="the luo command of the version to update to")
     u.add_argument("--json", action="store_true")
     u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the successor's confirmation")
+    u.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)
     s = add("status", cmd_status, "show state, preserved fds, sessions and VMs")
     s.add_argument("--json", action="store_true")
     k = add("kho", lambda a: 2, "KHO tree")

@@ -1,7 +1,9 @@
 """Fault injection points, for the failure tests (like the kernel's fault injection).
 
-Set ``LUO_FAULTS`` (comma-separated names) in the environment of a host; its successors inherit
-it. Each name acts at exactly one point. Nothing here is active unless asked for.
+Faults are asked for per update (``luo update --fault NAME``, honoured only by a host started
+with ``LUO_ALLOW_FAULTS=1``) or for a whole process tree with ``LUO_FAULTS`` (comma-separated).
+The update hands its faults to the processes it starts (successor host, successor VMMs) through
+``LUO_FAULTS``. Each name acts at exactly one point; nothing here is active unless asked for.
 
 - ``corrupt-tree``: the outgoing host damages the KHO blob it hands over.
 - ``successor-stall-handover``: the successor writes ``<runtime>/successor.stalled`` (its pid) after
@@ -13,12 +15,17 @@ it. Each name acts at exactly one point. Nothing here is active unless asked for
 
 from __future__ import annotations
 
+import errno
 import os
+
+from luo.errors import LuoError
+
+_override: set[str] = set()
 
 
 def active() -> set[str]:
     raw = os.environ.get("LUO_FAULTS", "")
-    return {w.strip() for w in raw.split(",") if w.strip()}
+    return {w.strip() for w in raw.split(",") if w.strip()} | _override
 
 
 def enabled(name: str) -> bool:
@@ -28,3 +35,17 @@ def enabled(name: str) -> bool:
 def values(prefix: str) -> list[str]:
     """The arguments of every ``prefix=value`` fault."""
     return [w.split("=", 1)[1] for w in active() if w.startswith(prefix + "=")]
+
+
+def set_for_update(names: list[str]) -> None:
+    if names and os.environ.get("LUO_ALLOW_FAULTS") != "1":
+        raise LuoError(errno.EPERM, "fault injection needs a host started with LUO_ALLOW_FAULTS=1")
+    _override.clear()
+    _override.update(names)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if active():
+        env["LUO_FAULTS"] = ",".join(sorted(active()))
+    return env

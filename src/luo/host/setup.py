@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 
 
 def host_subsystems(runtime: RuntimeDir) -> list[Subsystem]:
-    """Subsystems that need no host object; the ``vmm`` one is added by make_host."""
-    return []
+    """Subsystems that need no host object (the ``vmm`` one is added by make_host); probes for tests."""
+    from luo.testing.probe import probes_from_env
+
+    return probes_from_env(runtime.root)
 
 
 def make_host(runtime: RuntimeDir, orch: Orchestrator, listener: socket.socket,

@@ -10,6 +10,7 @@ import subprocess
 from typing import Any
 
 from luo.errors import LuoError
+from luo.host import faults
 from luo.host.handover import blob_memfd, send_handover
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import recv_msg, send_msg
@@ -31,7 +32,7 @@ class SuccessorLink:
         argv = [*cmd, "host", "--successor", str(theirs.fileno()), "--runtime-dir", str(runtime.root)]
         try:
             proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], start_new_session=True,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, env=faults.child_env())
         except OSError as e:
             mine.close()
             theirs.close()

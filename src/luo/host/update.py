@@ -83,6 +83,15 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
         raise LuoError(errno.EINVAL, f"cannot update from state {orch.state.label}{hint}")
     timeout = float(msg.get("timeout", 10.0))
     cmd = successor_command(msg.get("to"))
+    faults.set_for_update([str(f) for f in msg.get("faults") or []])
+    try:
+        return _update(host, msg, cmd, timeout)
+    finally:
+        faults.set_for_update([])
+
+
+def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> dict[str, Any]:
+    orch = host.orch
     tl = Timeline()
     if host.vms is not None:
         host.vms.successor_cmd = cmd

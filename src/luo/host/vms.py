@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from luo.core.participants import Subsystem
 from luo.errors import LuoError
+from luo.host import faults
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import ok, recv_msg, send_msg
 
@@ -223,7 +224,8 @@ class VmSupervisor:
         logf = open(vdir / "vmm.log", "ab")
         try:
             v.successor = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                           stdout=logf, stderr=logf, start_new_session=True)
+                                           stdout=logf, stderr=logf, start_new_session=True,
+                                           env=faults.child_env())
         finally:
             logf.close()
             theirs.close()

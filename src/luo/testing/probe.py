@@ -1,0 +1,52 @@
+"""Probe subsystems: real participants of a real host that record every callback.
+
+A host started with ``LUO_PROBES="a,b:prepare,c:freeze"`` registers subsystems ``probe-a``,
+``probe-b`` (fails prepare) and ``probe-c`` (fails freeze), in that order, each appending
+``<name> <event>`` to ``<runtime>/probes.log``. Tests read the log to assert callback and
+rollback order through the whole stack (socket, daemon, orchestrator).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from luo.core.participants import Subsystem
+from luo.errors import LuoError
+
+
+class ProbeSubsystem(Subsystem):
+    def __init__(self, name: str, log: Path, fail_at: set[str]) -> None:
+        self.name = name
+        self.log = log
+        self.fail_at = fail_at
+
+    def _record(self, event: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{self.name} {event}\n")
+        if event in self.fail_at:
+            raise LuoError(errno.EAGAIN, f"{self.name} fails {event} on purpose")
+
+    def prepare(self) -> int:
+        self._record("prepare")
+        return 0x1000
+
+    def freeze(self, data: int) -> int:
+        self._record("freeze")
+        return data + 1
+
+    def cancel(self, data: int) -> None:
+        self._record("cancel")
+
+    def finish(self, data: int) -> None:
+        self._record("finish")
+
+
+def probes_from_env(runtime_root: Path) -> list[Subsystem]:
+    spec = os.environ.get("LUO_PROBES", "")
+    out: list[Subsystem] = []
+    for item in filter(None, (w.strip() for w in spec.split(","))):
+        name, _, fails = item.partition(":")
+        out.append(ProbeSubsystem(f"probe-{name}", runtime_root / "probes.log", set(filter(None, fails.split("+")))))
+    return out
