@@ -213,3 +213,13 @@ def test_memfd_name_of_a_non_memfd() -> None:
         assert ei.value.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_memfd_name_with_stray_bytes_is_escaped() -> None:
+    # memfd_create takes bytes; another process may have named it with anything.
+    fd = os.memfd_create(os.fsdecode(b"ram-\xff"), os.MFD_ALLOW_SEALING)
+    try:
+        assert memfd_name(fd) == "ram-\\xff"
+        assert MemfdHandler().describe(fd)["name"] == "ram-\\xff"
+    finally:
+        os.close(fd)

@@ -61,6 +61,8 @@ def format_address(family: int, addr: object) -> str:
         if addr.startswith(b"\0"):
             return "@" + addr[1:].decode("utf-8", "backslashreplace")
         return addr.decode("utf-8", "backslashreplace")
+    if isinstance(addr, str) and addr:
+        return os.fsencode(addr).decode("utf-8", "backslashreplace")
     return str(addr) if addr else "(unnamed)"
 
 

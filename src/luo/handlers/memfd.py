@@ -54,7 +54,8 @@ def is_memfd(fd: int) -> bool:
 
 def memfd_name(fd: int) -> str:
     """The name given to memfd_create (without the ``memfd:`` prefix)."""
-    link = _link(fd)
+    # Names are bytes chosen by whoever created the memfd: show undecodable ones escaped.
+    link = os.fsencode(_link(fd)).decode("utf-8", "backslashreplace")
     if not link.startswith(_LINK_PREFIX):
         raise LuoError(errno.EINVAL, f"fd {fd} is not a memfd (it is {link!r}).")
     name = link[len(_LINK_PREFIX) :]

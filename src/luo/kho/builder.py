@@ -47,9 +47,16 @@ class _Writer:
         return bytes(fdt.as_bytearray())
 
 
+def meta_value(value: str) -> bytes:
+    """A meta value as FDT string bytes. Meta is for status only, so an update must not fail
+    over a process name with stray bytes: NULs and unpaired surrogates (undecodable bytes from
+    the OS) are written as backslash escapes."""
+    return value.encode("utf-8", "backslashreplace").replace(b"\0", b"\\0") + b"\0"
+
+
 def _write_meta(w: _Writer, meta: dict[str, str]) -> None:
     for key in sorted(meta):
-        w.string(META_PREFIX + key, meta[key])
+        w.prop(META_PREFIX + key, meta_value(meta[key]))
 
 
 def _write_file(w: _Writer, f: FileRecord) -> None:

@@ -54,7 +54,9 @@ def _check_meta(meta: object, where: str) -> None:
             raise _bad(
                 f"{where}: meta key {key!r} is not a valid property name (letters, digits, ',._+?#-')."
             )
-        _check_text(value, f"{where}: meta {key!r}")
+        if not isinstance(value, str):
+            raise _bad(f"{where}: meta {key!r} must be a string, not {type(value).__name__}.")
+        # Values are for status only: build_tree writes odd ones escaped instead of refusing.
 
 
 def _check_files(files: Sequence[FileRecord], where: str, fd_owner: dict[int, str]) -> None:
