@@ -11,6 +11,10 @@ import errno as _errno
 import os
 
 
+# Names the kernel sources use where Python's errorcode picks an alias.
+_PREFERRED = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN", _errno.EDEADLK: "EDEADLK"}
+
+
 class LuoError(Exception):
     """A refused LUO operation: ``errno`` is what the kernel would return (positive)."""
 
@@ -21,7 +25,7 @@ class LuoError(Exception):
 
     @property
     def errname(self) -> str:
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        return _PREFERRED.get(self.errno) or _errno.errorcode.get(self.errno, str(self.errno))
 
     def __str__(self) -> str:
         return f"{self.errname}: {self.message}"

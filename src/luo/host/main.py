@@ -33,7 +33,6 @@ def bind_listener(rt: RuntimeDir) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    s.listen(128)
     return s
 
 
@@ -57,9 +56,13 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
     from luo.host.setup import host_subsystems, make_host
 
     set_process_name("luod")
-    listener = bind_listener(rt)
+    listener = bind_listener(rt)  # refuses before touching luod.pid when another host serves
+    rt.write_pid(os.getpid())  # before the first client can connect (listen() below)
+    rt.write_state("normal")
     orch = Orchestrator(handlers=default_handlers(), subsystems=host_subsystems(rt))
-    make_host(rt, orch, listener).serve_forever()
+    host = make_host(rt, orch, listener)
+    listener.listen(128)
+    host.serve_forever()
     return exit_now()
 
 

@@ -26,7 +26,7 @@ from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.setup import host_subsystems, known_compatibles, make_host
 from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
-from luo.kho import parse_tree
+from luo.kho import parse_tree, required_compatibles
 
 log = logging.getLogger("luod")
 
@@ -37,11 +37,12 @@ def _handlers() -> list:
 
 
 def _check(blob: bytes, known: set[str], fd_count: int | None = None) -> Any:
-    record, _memory = parse_tree(blob, fd_count=fd_count)
-    unknown = sorted(record.compatibles() - known)
+    """Name what this version does not understand (even in a tree it could not parse), then parse."""
+    unknown = sorted(required_compatibles(blob) - known)
     if unknown:
         raise LuoError(errno.EOPNOTSUPP,
                        f"this version does not understand {', '.join(unknown)} (knows {', '.join(sorted(known))})")
+    record, _memory = parse_tree(blob, fd_count=fd_count)
     return record
 
 

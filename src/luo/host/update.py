@@ -66,13 +66,9 @@ class Timeline:
 
 
 def corrupt(blob: bytes) -> bytes:
-    """Damage the tree where it hurts: the root compatible string's first byte."""
-    i = blob.find(b"kho-v1")
+    """Damage the tree's structure: point the structure block past the end of the blob."""
     b = bytearray(blob)
-    if i >= 0:
-        b[i] ^= 0xFF
-    else:
-        b[0] ^= 0xFF
+    b[8:12] = (len(blob) + 64).to_bytes(4, "big")  # off_dt_struct
     return bytes(b)
 
 
@@ -81,7 +77,7 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
     if orch.state not in (State.NORMAL, State.PREPARED):
         hint = "; run `luo finish` first" if orch.state == State.UPDATED else ""
         raise LuoError(errno.EINVAL, f"cannot update from state {orch.state.label}{hint}")
-    timeout = float(msg.get("timeout", 10.0))
+    timeout = float(msg.get("handover_timeout", 10.0))
     cmd = successor_command(msg.get("to"))
     faults.set_for_update([str(f) for f in msg.get("faults") or []])
     try:

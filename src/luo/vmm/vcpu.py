@@ -105,6 +105,8 @@ class Vcpu:
                 pass
 
     def join(self, timeout: float) -> bool:
+        if self.thread is threading.current_thread():
+            return True  # stop() from on_guest_stop: this thread touches nothing of ours after it
         self.thread.join(timeout)
         return not self.thread.is_alive()
 

@@ -43,6 +43,22 @@ def _ms(t0: float) -> float:
 
 
 class Vm:
+    """One guest. Public: name, ncpus, memfd, mem_bytes, timings, stopped, stop_reason, on_guest_stop.
+
+    ``on_guest_stop(reason)`` runs on the vCPU thread that saw the guest stop (shutdown, internal
+    error, failed entry): keep it short; calling stop() from it is allowed.
+    """
+
+    mem: GuestMemory
+    console: ConsoleSink
+    irqchip: IrqChip
+    pit: Pit
+    clock: KvmClock
+    uart: Uart16550
+    mmio_console: MmioConsole
+    ports: Bus
+    mmio: Bus
+
     def __init__(self) -> None:  # use Vm.create
         self.name = ""
         self.ncpus = 0
