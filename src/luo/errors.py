@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-
 # Names the kernel sources use where Python's errorcode picks an alias.
 _PREFERRED = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN", _errno.EDEADLK: "EDEADLK"}
 
