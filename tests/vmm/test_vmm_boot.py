@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -128,3 +129,24 @@ def test_pause_latency(counter_elf: Path) -> None:
         assert med < 50
     finally:
         vm.stop()
+
+
+def test_stop_from_guest_stop_callback(dying_elf: Path) -> None:
+    sink = MemoryConsoleSink()
+    vm = Vm.create("t", 64 << 20, 2, console=sink)
+    done = threading.Event()
+    threads = [v.thread for v in vm.vcpus]
+
+    def on_stop(reason: str) -> None:
+        vm.stop()
+        done.set()
+
+    vm.on_guest_stop = on_stop
+    vm.boot(str(dying_elf), "")
+    vm.start()
+    assert done.wait(10)
+    assert sink.wait_for(r"^count 0+3$", 1)
+    for t in threads:
+        t.join(5)
+        assert not t.is_alive()
+    assert vm.fd == -1 and vm.vcpus == [] and vm.stopped.is_set()

@@ -56,9 +56,10 @@ def test_restore_in_another_process(counter_elf: Path, tmp_path: Path, mem: int)
     vm = Vm.create("pred", mem, 2, console=TeeConsoleSink(FileConsoleSink(str(log_path)), sink))
     vm.boot(str(counter_elf), "")
     vm.start()
+    errlog = open(tmp_path / "child.stderr", "wb")  # closed in finally
     child = subprocess.Popen(
         [sys.executable, str(CHILD), "--memfd", str(vm.memfd), "--mem", str(mem), "--cpus", "2", "--console", str(log_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(vm.memfd,),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog, pass_fds=(vm.memfd,),
     )
     assert child.stdin is not None and child.stdout is not None
     try:
@@ -72,7 +73,12 @@ def test_restore_in_another_process(counter_elf: Path, tmp_path: Path, mem: int)
         report = json.loads(read_line(child.stdout.fileno(), 30))
         vm.stop()
         assert child.wait(10) == 0
+    except BaseException:
+        print("child stderr:\n" + (tmp_path / "child.stderr").read_text())
+        print("console:\n" + log_path.read_text()[-2000:])
+        raise
     finally:
+        errlog.close()
         if child.poll() is None:
             child.kill()
             child.wait()
