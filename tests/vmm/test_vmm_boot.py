@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -150,3 +152,26 @@ def test_stop_from_guest_stop_callback(dying_elf: Path) -> None:
         t.join(5)
         assert not t.is_alive()
     assert vm.fd == -1 and vm.vcpus == [] and vm.stopped.is_set()
+
+
+def test_kick_handler_needs_main_thread() -> None:
+    """Off the main thread, Vm.create refuses (EPERM) rather than leave vCPUs unpausable."""
+    code = (
+        "import threading, errno\n"
+        "from luo.errors import LuoError\n"
+        "from luo.vmm.vm import Vm\n"
+        "out = []\n"
+        "def f():\n"
+        "    try:\n"
+        "        Vm.create('x', 4 << 20, 1)\n"
+        "    except LuoError as e:\n"
+        "        out.append(e.errno)\n"
+        "t = threading.Thread(target=f); t.start(); t.join()\n"
+        "assert out == [errno.EPERM], out\n"
+        "from luo.vmm.vcpu import install_kick_handler\n"
+        "install_kick_handler()\n"
+        "t = threading.Thread(target=lambda: Vm.create('y', 4 << 20, 1).stop()); t.start(); t.join()\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "ok", r.stderr

@@ -184,7 +184,6 @@ class Vm:
         meta = {"name": self.name, "mem_bytes": self.mem_bytes, "ncpus": self.ncpus}
         rec = build_record(meta, comps)
         self.timings["save"] = _ms(t0)
-        self.timings["record_bytes"] = float(len(rec))
         return rec
 
     def restore(self, record: bytes) -> None:
