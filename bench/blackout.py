@@ -1,0 +1,320 @@
+"""Benchmark: a guest's blackout across a live update, against saving it the copy-based way.
+
+For every guest size, in the same run:
+
+- luo: a real host in a fresh runtime dir, ``luo vm start g --mem SIZE --cpus 2`` (the test guest),
+  a heartbeat, then U updates (``luo update --json``, then ``finish``); the blackout is what the
+  VMM reports (first vCPU paused -> every vCPU running in the successor VMM) with its parts.
+- copy: the same guest booted with ``luo.vmm.vm.Vm`` in this process, then, a few times: pause ->
+  save() -> write the whole guest RAM to a file under /var/tmp -> a NEW Vm with a fresh memfd ->
+  read the file into its RAM -> restore(record) -> start. The same two end points as luo's
+  blackout. The file is not fsync'ed and is read back from the page cache: the cheapest a copy can
+  be (both copies are sendfile(2), done by the kernel), so the ratio is a lower bound. Each
+  time, the guest must go on (next heartbeat, same boot).
+
+    python bench/blackout.py                    # 256M,1G,4G,8G (8G skipped if it would not fit)
+    python bench/blackout.py --sizes 1G --updates 50
+    python bench/blackout.py --quick            # 256M, 3 updates, 1 copy (the smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    GiB,
+    MiB,
+    facts_line,
+    fmt_size,
+    machine_facts,
+    median,
+    meminfo,
+    parse_size,
+    percentile,
+    short_runtime_dir,
+    table,
+)
+
+from luo.testing.console import Console
+from luo.testing.host import HostProcess
+from luo.testing.wait import wait_for
+from luo.vmm.devices.console_sink import FileConsoleSink
+from luo.vmm.live.main import DEFAULT_CMDLINE, default_image
+from luo.vmm.vm import Vm
+
+VM = "g"
+CPUS = 2
+PARTS = ("pause", "save", "handover", "restore", "resume")
+HOST_PHASES = ("freeze", "tree", "handover", "release")
+COPY_PARTS = ("pause", "save", "write", "create", "read", "restore", "resume")
+COPY_CHUNK = 64 * MiB
+COPY_DIR = "/var/tmp"
+
+
+# --- luo ------------------------------------------------------------------------------------
+
+def next_heartbeat(con: Console, after_seq: int, boot_id: str, timeout: float = 15.0) -> int:
+    """Wait for a heartbeat newer than ``after_seq`` of the same boot; return its seq."""
+    def newer() -> int | None:
+        for hb in reversed(con.heartbeats()):
+            if hb.seq > after_seq:
+                if hb.boot_id != boot_id:
+                    raise SystemExit(f"the guest rebooted: boot_id {hb.boot_id}, was {boot_id}")
+                return hb.seq
+            break
+        return None
+
+    return wait_for(newer, timeout, f"a heartbeat after seq {after_seq}")
+
+
+def guest_health(con: Console, boot_id: str) -> dict[str, Any]:
+    """What the guest says of itself: one boot, consecutive heartbeats, no FAIL; stall lines counted."""
+    lines = con.lines()
+    hbs = con.heartbeats()
+    seqs = [h.seq for h in hbs]
+    gaps = [b - a for a, b in zip(seqs, seqs[1:], strict=False) if b != a + 1]
+    stalls = [int(ln.split("gap_ns=")[1].split()[0]) for ln in lines if ln.startswith("stall gap_ns=")]
+    return {
+        "boots": sum(1 for ln in lines if ln.startswith("luo-guest boot ")),
+        "same_boot": all(h.boot_id == boot_id for h in hbs),
+        "heartbeats": len(hbs),
+        "seq_breaks": len(gaps),
+        "fail": any(h.integrity != "ok" for h in hbs) or any("FAIL" in ln for ln in lines),
+        "integrity_passes": sum(1 for ln in lines if ln.startswith("integrity pass=")),
+        "stalls": len(stalls),
+        "max_stall_ms": max(stalls) / 1e6 if stalls else 0.0,
+    }
+
+
+def run_luo(size: int, updates: int) -> dict[str, Any]:
+    with short_runtime_dir() as root:
+        host = HostProcess(root)
+        try:
+            host.start()
+            host.luo("vm", "start", VM, "--mem", fmt_size(size), "--cpus", str(CPUS), timeout=180)
+            con = host.console(VM)
+            first = wait_for(lambda: con.heartbeats()[:1], 60, "the guest's first heartbeat")[0]
+            boot_id = first.boot_id
+            seq = next_heartbeat(con, first.seq, boot_id)
+            runs = []
+            for _ in range(updates):
+                r = host.update()
+                vm = r["vms"][VM]
+                runs.append({"blackout_ms": float(vm["blackout_ms"]), "parts_ms": vm["parts_ms"],
+                             "host_phases_ms": r["phases_ms"], "vm_timings_ms": vm.get("vm_timings_ms", {}),
+                             "total_ms": r["total_ms"]})
+                c = host.client()
+                c.finish()
+                c.close()
+            seq = next_heartbeat(con, seq, boot_id)
+            health = guest_health(con, boot_id)
+        finally:
+            host.stop()
+    if health["boots"] != 1 or not health["same_boot"] or health["seq_breaks"] or health["fail"]:
+        raise SystemExit(f"the guest did not survive the updates intact: {health}")
+    bl = [r["blackout_ms"] for r in runs]
+    return {
+        "runs": runs,
+        "health": health,
+        "median_ms": median(bl),
+        "p99_ms": percentile(bl, 99),
+        "min_ms": min(bl),
+        "max_ms": max(bl),
+        "parts_median_ms": {p: median([float(r["parts_ms"].get(p, float("nan"))) for r in runs]) for p in PARTS},
+        "host_phases_median_ms": {p: median([float(r["host_phases_ms"].get(p, float("nan"))) for r in runs])
+                                  for p in HOST_PHASES},
+    }
+
+
+# --- copy-based -----------------------------------------------------------------------------
+
+def write_ram(vm: Vm, path: str) -> None:
+    """The whole guest RAM into a file, copied by the kernel (sendfile from the memfd: no page
+    faults in this process, and holes the guest never touched read as zeros without being filled)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        off = 0
+        while off < vm.mem_bytes:
+            n = os.sendfile(fd, vm.memfd, off, min(COPY_CHUNK, vm.mem_bytes - off))
+            if n <= 0:
+                raise SystemExit(f"short copy of guest RAM at {off}")
+            off += n
+    finally:
+        os.close(fd)
+
+
+def read_ram(vm: Vm, path: str) -> None:
+    """The file into the new VM's (fresh, empty) RAM memfd, copied by the kernel."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(vm.memfd, 0, os.SEEK_SET)  # sendfile writes at the output's file position
+        off = 0
+        while off < vm.mem_bytes:
+            n = os.sendfile(vm.memfd, fd, off, min(COPY_CHUNK, vm.mem_bytes - off))
+            if n <= 0:
+                raise SystemExit(f"short read of the RAM file at {off}")
+            off += n
+    finally:
+        os.close(fd)
+
+
+def copy_restore(old: Vm, console: FileConsoleSink, path: str) -> tuple[Vm, dict[str, float], float]:
+    """The copy-based blackout: pause -> save -> RAM to file -> new Vm -> file to RAM -> restore -> start."""
+    t0 = time.perf_counter()
+    old.pause()
+    t1 = time.perf_counter()
+    rec = old.save()
+    t2 = time.perf_counter()
+    write_ram(old, path)
+    t3 = time.perf_counter()
+    new = Vm.create(old.name, old.mem_bytes, old.ncpus, console=console)
+    t4 = time.perf_counter()
+    read_ram(new, path)
+    t5 = time.perf_counter()
+    new.restore(rec)
+    t6 = time.perf_counter()
+    new.start()
+    t7 = time.perf_counter()
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    parts = {p: (ts[i + 1] - ts[i]) * 1000 for i, p in enumerate(COPY_PARTS)}
+    old.stop()
+    os.unlink(path)
+    return new, parts, (t7 - t0) * 1000
+
+
+def run_copy(size: int, reps: int, workdir: Path) -> dict[str, Any]:
+    cpath = workdir / "console.log"
+    console = FileConsoleSink(str(cpath))
+    con = Console(cpath)
+    ram_file = os.path.join(COPY_DIR, f"luo-bench-ram-{os.getpid()}-{fmt_size(size)}")
+    vm = Vm.create(VM, size, CPUS, console=console)
+    try:
+        vm.boot(default_image(), DEFAULT_CMDLINE)
+        vm.start()
+        first = wait_for(lambda: con.heartbeats()[:1], 60, "the copy guest's first heartbeat")[0]
+        boot_id = first.boot_id
+        seq = next_heartbeat(con, first.seq, boot_id)
+        runs = []
+        for _ in range(reps):
+            vm, parts, blackout = copy_restore(vm, console, ram_file)
+            seq = next_heartbeat(con, seq, boot_id)  # the guest goes on after each restore
+            runs.append({"blackout_ms": blackout, "parts_ms": parts})
+        health = guest_health(con, boot_id)
+    finally:
+        vm.stop()
+        console.close()
+        if os.path.exists(ram_file):
+            os.unlink(ram_file)
+    if health["boots"] != 1 or not health["same_boot"] or health["seq_breaks"] or health["fail"]:
+        raise SystemExit(f"the copy-restored guest did not go on intact: {health}")
+    bl = [r["blackout_ms"] for r in runs]
+    return {"runs": runs, "health": health, "median_ms": median(bl), "min_ms": min(bl), "max_ms": max(bl),
+            "parts_median_ms": {p: median([r["parts_ms"][p] for r in runs]) for p in COPY_PARTS}}
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+def run_size(size: int, updates: int, reps: int) -> dict[str, Any]:
+    need = 2 * size + GiB  # copy: the old guest's touched pages, the file's page cache, the new guest
+    avail = meminfo()["MemAvailable"]
+    if need > avail:
+        return {"size": size, "skipped": f"the copy-based run needs ~{need // MiB} MiB, MemAvailable is "
+                                         f"{avail // MiB} MiB"}
+    luo = run_luo(size, updates)
+    with short_runtime_dir("luo-bc-") as d:
+        copy = run_copy(size, reps, d)
+    return {"size": size, "luo": luo, "copy": copy, "ratio": copy["median_ms"] / luo["median_ms"]}
+
+
+def targets(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    by = {r["size"]: r for r in results if "luo" in r}
+    out = []
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    g1 = by.get(GiB)
+    out.append(("median <= 5 ms at 1 GiB, 2 vCPUs",
+                f"{g1['luo']['median_ms']:.2f} ms" if g1 else "not measured",
+                verdict(g1["luo"]["median_ms"] <= 5.0) if g1 else "n/a"))
+    small, big = by.get(256 * MiB), by.get(4 * GiB)
+    if small and big:
+        rel = big["luo"]["median_ms"] / small["luo"]["median_ms"]
+        out.append(("4 GiB median within 1.2x of 256 MiB", f"{rel:.2f}x", verdict(rel <= 1.2)))
+    else:
+        out.append(("4 GiB median within 1.2x of 256 MiB", "not measured", "n/a"))
+    out.append(("copy-based / luo >= 100x at 4 GiB", f"{big['ratio']:.0f}x" if big else "not measured",
+                verdict(big["ratio"] >= 100) if big else "n/a"))
+    return out
+
+
+def report(results: list[dict[str, Any]], updates: int) -> str:
+    done = [r for r in results if "luo" in r]
+    main_rows = [[fmt_size(r["size"]), r["luo"]["median_ms"], r["luo"]["p99_ms"], r["copy"]["median_ms"],
+                  f"{r['ratio']:.0f}x"] for r in done]
+    part_rows = [[fmt_size(r["size"]), r["luo"]["median_ms"], *[r["luo"]["parts_median_ms"][p] for p in PARTS],
+                  *[r["luo"]["host_phases_median_ms"][p] for p in HOST_PHASES]] for r in done]
+    copy_rows = [[fmt_size(r["size"]), len(r["copy"]["runs"]), r["copy"]["median_ms"],
+                  *[r["copy"]["parts_median_ms"][p] for p in COPY_PARTS]] for r in done]
+    health_rows = [[fmt_size(r["size"]), r["luo"]["health"]["heartbeats"], r["luo"]["health"]["stalls"],
+                    r["luo"]["health"]["max_stall_ms"], r["copy"]["health"]["stalls"],
+                    r["copy"]["health"]["max_stall_ms"]] for r in done]
+    out = [f"Blackout, ms (luo: {updates} updates per size; copy-based: RAM -> file -> new VM, same run)", "",
+           table(["guest", "luo median", "luo p99", "copy median", "ratio"], main_rows), "",
+           "Targets", "",
+           table(["target", "measured", "result"], targets(results)), "",
+           "luo blackout parts, ms (median); then the host's own phases during the same updates (median)", "",
+           table(["guest", "blackout", *PARTS, *[f"host {p}" for p in HOST_PHASES]], part_rows), "",
+           "copy-based parts, ms (median)", "",
+           table(["guest", "reps", "blackout", *COPY_PARTS], copy_rows), "",
+           "The guest's own view (stall lines: a vCPU saw its clock jump > 50 ms)", "",
+           table(["guest", "luo heartbeats", "luo stalls", "luo max stall ms", "copy stalls", "copy max stall ms"],
+                 health_rows)]
+    for r in results:
+        if "skipped" in r:
+            out.append(f"\nskipped {fmt_size(r['size'])}: {r['skipped']}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="256M,1G,4G,8G", help="guest RAM sizes (comma list)")
+    ap.add_argument("--updates", type=int, default=20, help="luo updates per size")
+    ap.add_argument("--copy-reps", type=int, default=None,
+                    help="copy-based save/restores per size (default: 5, 3 from 4G up)")
+    ap.add_argument("--quick", action="store_true", help="256M, 3 updates, 1 copy-based restore")
+    ap.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.sizes, a.updates, a.copy_reps = "256M", 3, a.copy_reps or 1
+    if not os.path.exists(default_image()):
+        raise SystemExit(f"no guest image at {default_image()}: run `make -C guest`")
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    facts = machine_facts()
+    print(f"# bench/blackout.py  {facts_line(facts)}", flush=True)
+    results = []
+    for size in sizes:
+        reps = a.copy_reps or (3 if size >= 4 * GiB else 5)
+        r = run_size(size, a.updates, reps)
+        results.append(r)
+        if "luo" in r:
+            print(f"  {fmt_size(size)}: luo median {r['luo']['median_ms']:.2f} ms p99 {r['luo']['p99_ms']:.2f} ms, "
+                  f"copy median {r['copy']['median_ms']:.0f} ms, ratio {r['ratio']:.0f}x", flush=True)
+        else:
+            print(f"  {fmt_size(size)}: skipped ({r['skipped']})", flush=True)
+    print()
+    print(report(results, a.updates))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": facts, "updates": a.updates, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
