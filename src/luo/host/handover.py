@@ -46,13 +46,27 @@ class Handover:
 
 
 def send_handover(ch: socket.socket, blob: bytes, fds: list[int], listener: int) -> None:
+    """The prepare-time handover: the tree as prepared, every preserved fd, the listening socket.
+
+    Preserving and unpreserving are refused from prepare on, so these fds are exactly the ones
+    the final tree will name; the freeze then only sends the final tree (send_final_tree).
+    """
     tree = blob_memfd(blob)
     try:
-        send_msg(ch, {"op": "handover", "fd_count": len(fds), "tree_size": len(blob)}, (tree, listener))
+        send_msg(ch, {"op": "handover", "stage": "prepare", "fd_count": len(fds), "tree_size": len(blob)},
+                 (tree, listener))
     finally:
         os.close(tree)
     for i in range(0, len(fds), SCM_MAX_FD):
         send_msg(ch, {"op": "fds", "index": i}, fds[i : i + SCM_MAX_FD])
+
+
+def send_final_tree(ch: socket.socket, blob: bytes) -> None:
+    tree = blob_memfd(blob)
+    try:
+        send_msg(ch, {"op": "handover", "stage": "final", "tree_size": len(blob)}, (tree,))
+    finally:
+        os.close(tree)
 
 
 def recv_handover(ch: socket.socket, first: dict, first_fds: list[int]) -> Handover:

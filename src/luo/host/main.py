@@ -52,10 +52,11 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
         return run_successor(successor_fd, rt)
     from luo.core.orchestrator import Orchestrator
     from luo.handlers import default_handlers
-    from luo.host.procname import set_process_name
+    from luo.host.procname import favour_this_thread, set_process_name
     from luo.host.setup import host_subsystems, make_host
 
     set_process_name("luod")
+    favour_this_thread()
     listener = bind_listener(rt)  # refuses before touching luod.pid when another host serves
     rt.write_pid(os.getpid())  # before the first client can connect (listen() below)
     rt.write_state("normal")

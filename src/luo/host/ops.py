@@ -42,35 +42,34 @@ def _name(msg: dict[str, Any]) -> str:
 
 
 def install(host: Host) -> None:
-    orch = host.orch
 
     def get_state(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        return ok(state=int(orch.state), label=orch.state.label, pid=os.getpid(),
-                  liveupdate_number=orch.liveupdate_number), []
+        return ok(state=int(host.orch.state), label=host.orch.state.label, pid=os.getpid(),
+                  liveupdate_number=host.orch.liveupdate_number), []
 
     def preserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fd = os.dup(_one_fd(fds, "preserve_fd"))
         try:
-            token = orch.preserve_fd(fd, _token(msg, required=False), owner=c.peer.owner())
+            token = host.orch.preserve_fd(fd, _token(msg, required=False), owner=c.peer.owner())
         except BaseException:
             os.close(fd)
             raise
         return ok(token=token), []
 
     def unpreserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        orch.unpreserve_fd(_token(msg))
+        host.orch.unpreserve_fd(_token(msg))
         return ok(), []
 
     def restore_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        return ok(), [orch.restore_fd(_token(msg))]
+        return ok(), [host.orch.restore_fd(_token(msg))]
 
     def event(name: str):
         def run(c: Conn, msg: dict, fds: list[int]) -> Reply:
             try:
-                getattr(orch, name)()
+                getattr(host.orch, name)()
             finally:
                 host.settle()
-            return ok(state=int(orch.state), label=orch.state.label), []
+            return ok(state=int(host.orch.state), label=host.orch.state.label), []
 
         return run
 
@@ -81,15 +80,15 @@ def install(host: Host) -> None:
         return fd
 
     def create_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        handle = orch.create_session(_name(msg), owner=c.peer.owner())
+        handle = host.orch.create_session(_name(msg), owner=c.peer.owner())
         return ok(name=handle.name), [session_fd(c, handle)]
 
     def retrieve_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        handle = orch.retrieve_session(_name(msg))
+        handle = host.orch.retrieve_session(_name(msg))
         return ok(name=handle.name), [session_fd(c, handle)]
 
     def status(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        st = orch.status()
+        st = host.orch.status()
         st["pid"] = os.getpid()
         st["runtime_dir"] = str(host.runtime.root)
         for ext in host.extensions:
@@ -152,7 +151,7 @@ def install(host: Host) -> None:
 
     def s_status(c: Conn, msg: dict, fds: list[int]) -> Reply:
         name = c.session.name
-        for s in orch.status().get("sessions", []):
+        for s in host.orch.status().get("sessions", []):
             if s.get("name") == name:
                 return ok(session=s), []
         raise LuoError(errno.ENOENT, f"session {name!r} is gone")

@@ -33,5 +33,14 @@ def make_host(runtime: RuntimeDir, orch: Orchestrator, listener: socket.socket,
     return host
 
 
+def rebind_host(host: Host, orch: Orchestrator, incoming_blob: bytes) -> None:
+    """Give a host built ahead of time (at prepare) the orchestrator of the final handover."""
+    from luo.host.vms import VmmSubsystem
+
+    host.orch = orch
+    host.incoming_blob = incoming_blob
+    orch.register_subsystem(VmmSubsystem(host.vms))
+
+
 def known_compatibles(handlers: Sequence[FileHandler]) -> set[str]:
     return set(TREE_COMPATIBLES) | {h.compatible for h in handlers}

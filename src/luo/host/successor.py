@@ -9,6 +9,7 @@ the update and may cancel it.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -16,14 +17,16 @@ import socket
 import time
 from typing import Any
 
+from luo.core.handover import LuoRecord
 from luo.core.orchestrator import Orchestrator
 from luo.errors import LuoError
 from luo.handlers import default_handlers
 from luo.host import faults
+from luo.host.daemon import Host
 from luo.host.handover import read_blob, recv_handover
-from luo.host.procname import set_process_name
+from luo.host.procname import favour_this_thread, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
-from luo.host.setup import host_subsystems, known_compatibles, make_host
+from luo.host.setup import host_subsystems, known_compatibles, make_host, rebind_host
 from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.kho import parse_tree, required_compatibles
@@ -52,8 +55,6 @@ def _warm(runtime: RuntimeDir) -> None:
     import luo.client.update  # noqa: F401
     import luo.host.update  # noqa: F401
     import luo.kho.dts  # noqa: F401
-    from luo.core.handover import LuoRecord
-
     dummy = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         blob = tree_for(LuoRecord(liveupdate_number=0))
@@ -65,12 +66,80 @@ def _warm(runtime: RuntimeDir) -> None:
         dummy.close()
 
 
+def _same_shape(a: LuoRecord, b: LuoRecord) -> bool:
+    """The final tree must name the same files at the same fd indices as the prepared one."""
+
+    def shape(r: LuoRecord) -> list[tuple]:
+        files = [(None, f.token, f.compatible, f.fd_index) for f in r.files]
+        for s in r.sessions:
+            files += [(s.name, f.token, f.compatible, f.fd_index) for f in s.files]
+        return files
+
+    return shape(a) == shape(b)
+
+
+class Incoming:
+    """What the successor holds between the prepare-time handover and the final one."""
+
+    def __init__(self, runtime: RuntimeDir, handlers: list, known: set[str]) -> None:
+        self.runtime = runtime
+        self.handlers = handlers
+        self.known = known
+        self.record: LuoRecord | None = None
+        self.fds: list[int] = []
+        self.host: Host | None = None
+
+    def release(self) -> None:
+        """Drop our copies; the outgoing host keeps its own, so nothing is released for real."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        if self.host is not None:
+            self.host.listener.close()
+            self.host = None
+
+    def prepare(self, ch: socket.socket, msg: dict, fds: list[int]) -> None:
+        """Everything but the final tree arrives at prepare: check it and build the host now."""
+        h = recv_handover(ch, msg, fds)
+        self.release()
+        self.fds = h.fds
+        listener = socket.socket(fileno=h.listener)
+        try:
+            self.record = _check(h.blob, self.known, fd_count=len(h.fds))
+            orch = Orchestrator(handlers=self.handlers, incoming=self.record, incoming_fds=h.fds)
+        except BaseException:
+            listener.close()
+            raise
+        self.host = make_host(self.runtime, orch, listener, incoming_blob=h.blob)
+        self.host.orch.take_released_fds()  # fds the record does not name: ours to drop with release()
+        self._build(h.blob)  # once for nothing: the first run of any Python path costs milliseconds
+        gc.collect()
+        gc.disable()  # no collection pause between here and serving (re-enabled after the handover)
+
+    def _build(self, blob: bytes) -> Orchestrator:
+        if self.host is None or self.record is None:
+            raise LuoError(errno.EPROTO, "final handover without a prepared one")
+        record = _check(blob, self.known, fd_count=len(self.fds))
+        if not _same_shape(record, self.record):
+            raise LuoError(errno.EPROTO, "the final tree names other files than the prepared one")
+        return Orchestrator(handlers=self.handlers, subsystems=host_subsystems(self.runtime), incoming=record,
+                            incoming_fds=self.fds)
+
+    def finalize(self, blob: bytes) -> Orchestrator:
+        orch = self._build(blob)
+        assert self.host is not None
+        rebind_host(self.host, orch, blob)
+        return orch
+
+
 def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     set_process_name("luod-next")
+    favour_this_thread()
     ch = socket.socket(fileno=channel_fd)
     _warm(runtime)
     handlers = _handlers()
     known = known_compatibles(handlers)
+    inc = Incoming(runtime, handlers, known)
     send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known)})
     while True:
         got = recv_msg(ch)
@@ -81,44 +150,42 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
         op = msg.get("op")
         if op == "abort":
             return 0
-        if op == "check":
+        if op == "handover" and msg.get("stage") == "prepare":
             try:
-                blob = read_blob(fds[0], int(msg["tree_size"]))
-                _check(blob, known)
+                inc.prepare(ch, msg, fds)
                 send_msg(ch, {"op": "checked"})
             except LuoError as e:
+                inc.release()
+                gc.enable()
                 send_msg(ch, error_reply(e))
-            finally:
-                for fd in fds:
-                    os.close(fd)
             continue
         if op == "handover":
-            return _take_over(ch, msg, fds, runtime, handlers, known)
+            return _take_over(ch, msg, fds, inc)
         for fd in fds:
             os.close(fd)
 
 
-def _take_over(ch: socket.socket, msg: dict, fds: list[int], runtime: RuntimeDir, handlers: list,
-               known: set[str]) -> int:
+def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> int:
     t0 = time.perf_counter()
-    h = recv_handover(ch, msg, fds)
+    try:
+        blob = read_blob(fds[0], int(msg["tree_size"]))
+    finally:
+        for fd in fds:
+            os.close(fd)
     t_recv = time.perf_counter()
     if faults.enabled("successor-stall-handover"):
-        write_atomic(runtime.root / "successor.stalled", f"{os.getpid()}\n")
+        write_atomic(inc.runtime.root / "successor.stalled", f"{os.getpid()}\n")
         recv_msg(ch)  # waits until killed or the old host gives up
         return 3
     try:
-        record = _check(h.blob, known, fd_count=len(h.fds))
-        orch = Orchestrator(handlers=handlers, subsystems=host_subsystems(runtime), incoming=record,
-                            incoming_fds=h.fds)
+        orch = inc.finalize(blob)
     except LuoError as e:
         log.error("successor %d refuses the handover: %s", os.getpid(), e)
         send_msg(ch, error_reply(e))
-        for fd in h.fds + [h.listener]:
-            os.close(fd)  # the outgoing host still holds its own copies: nothing is released
+        inc.release()
         return 2
-    listener = socket.socket(fileno=h.listener)
-    host = make_host(runtime, orch, listener, incoming_blob=h.blob)  # all set up before confirming
+    host = inc.host
+    assert host is not None
     t_adopt = time.perf_counter()
     timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
     send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
@@ -131,8 +198,9 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], runtime: RuntimeDir
     set_process_name("luod")
     host.last_update = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
                         "phases_ms": old_phases, "pid": os.getpid(), "time": time.time()}
+    host.after_start.append(gc.enable)
     host.after_start.append(lambda: write_atomic(
-        runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n"))
+        inc.runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n"))
     host.serve_forever()
     from luo.host.main import exit_now
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host import faults
-from luo.host.handover import blob_memfd, send_handover
+from luo.host.handover import send_final_tree, send_handover
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import recv_msg, send_msg
 
@@ -62,18 +62,18 @@ class SuccessorLink:
             raise LuoError(errno.EPROTO, f"successor answered {msg.get('op')!r}, expected {what!r}")
         return msg
 
-    def check(self, blob: bytes, timeout: float) -> None:
-        """Ask the successor whether it understands the prepared tree, before anything is frozen."""
-        fd = blob_memfd(blob, "luo-kho-fdt-check")
-        try:
-            send_msg(self.ch, {"op": "check", "tree_size": len(blob)}, (fd,))
-        finally:
-            os.close(fd)
-        self._expect("checked", timeout, "check the outgoing tree")
-
-    def handover(self, blob: bytes, fds: list[int], listener: int, timeout: float) -> dict[str, Any]:
+    def prepare(self, blob: bytes, fds: list[int], listener: int, timeout: float) -> None:
+        """Hand over everything but the final tree while the workloads run; the successor checks
+        it understands every compatible and builds its host. Nothing is frozen yet."""
         try:
             send_handover(self.ch, blob, fds, listener)
+        except OSError as e:
+            raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
+        self._expect("checked", timeout, "check the outgoing tree")
+
+    def handover(self, blob: bytes, timeout: float) -> dict[str, Any]:
+        try:
+            send_final_tree(self.ch, blob)
         except OSError as e:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
         return self._expect("confirm", timeout, "confirm the handover")

@@ -16,6 +16,7 @@ Order, and why:
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import shlex
@@ -84,6 +85,8 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
         return _update(host, msg, cmd, timeout)
     finally:
         faults.set_for_update([])
+        if not host.exit_after_step:
+            gc.enable()
 
 
 def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> dict[str, Any]:
@@ -98,8 +101,8 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
             orch.prepare()
         host.publish_state()
         tl.mark("prepare")
-        record, _ = orch.outgoing_record()
-        link.check(tree_for(record), timeout)
+        record, fds = orch.outgoing_record()
+        link.prepare(tree_for(record), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)))
         tl.mark("check")
     except BaseException as e:
         link.kill()
@@ -109,6 +112,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         if isinstance(e, LuoError):
             raise LuoError(e.errno, f"prepare failed, nothing was frozen: {e.message}") from None
         raise
+    gc.disable()  # no collection pause inside the blackout; this process exits after it anyway
     try:
         orch.begin_update()  # the implicit freeze of a kexec issued while prepared
     except BaseException:
@@ -123,8 +127,21 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         if faults.enabled("corrupt-tree"):
             blob = corrupt(blob)
         tl.mark("tree")
-        confirm = link.handover(blob, fds, host.listener.fileno(), timeout)
+        confirm = link.handover(blob, timeout)
         tl.mark("handover")
+    except BaseException as e:
+        link.kill()
+        orch.cancel()
+        host.settle()
+        log.warning("handover failed, update cancelled, every fd kept: %s", e)
+        if isinstance(e, LuoError):
+            raise LuoError(e.errno, f"handover failed; update cancelled and every fd kept: {e.message}") from None
+        raise
+    # confirmed: the successor owns everything. VMMs may go on at once; the ack only lets the
+    # successor host start serving.
+    if host.vms is not None:
+        host.vms.handed_over()
+    try:
         link.acknowledge(tl.phases)
     except BaseException as e:
         link.kill()
@@ -137,8 +154,6 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
     for fd in orch.handover_complete():
         os.close(fd)
     host.close_released()
-    if host.vms is not None:
-        host.vms.handed_over()
     tl.mark("release")
     host.exit_after_step = True
     result = {

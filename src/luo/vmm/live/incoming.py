@@ -8,6 +8,7 @@ resume. Re-preserving and registering happen after the guest runs again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host import faults
+from luo.host.procname import favour_this_thread
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
@@ -36,6 +38,30 @@ def _ms(ns: int) -> float:
     return round(ns / 1e6, 3)
 
 
+def _adopt_session(link: HostLink, name: str, ram_fd: int, state_fd: int, report: dict[str, Any]) -> None:
+    """Retrieve the VM's session from the new host, check it holds our memfds, and preserve anew.
+
+    This runs after the resume: the new host's confirmation already guarantees the session
+    exists, so retrieving it only verifies and re-arms, and stays out of the blackout.
+    """
+    t0 = time.monotonic_ns()
+    try:
+        ram2, state2 = link.take_incoming()
+    except LuoError as e:
+        log.error("vm %s: cannot retrieve the VM's session from the new host: %s", name, e)
+        report["session_error"] = str(e)
+    else:
+        same = _same_file(ram2, ram_fd) and _same_file(state2, state_fd)
+        os.close(ram2)
+        os.close(state2)
+        if not same:
+            log.error("vm %s: the new host's session holds other memfds than the ones handed to us", name)
+            report["session_error"] = "the session held other memfds"
+        link.finish_incoming()
+    link.preserve(ram_fd, state_fd)
+    report["after_resume_ms"] = {"retrieve_and_preserve": _ms(time.monotonic_ns() - t0)}
+
+
 def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     ch = socket.socket(fileno=channel_fd)
     got = recv_msg(ch)
@@ -51,9 +77,13 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     except LuoError as e:
         send_msg(ch, {"errno": e.errno, "error": e.message})
         return 1
+    favour_this_thread()  # after Vm.create: the vCPU threads keep the normal weight
     link = HostLink(runtime, name)
-    send_msg(ch, {"op": "warm", "errno": 0, "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
+    send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(),
+                  "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
 
+    gc.collect()
+    gc.disable()  # no collection pause until the guest runs again
     got = recv_msg(ch)
     if got is None or got[0].get("op") != "saved":
         vm.stop()
@@ -72,33 +102,21 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     if got is None or got[0].get("op") != "go":
         vm.stop()
         return 0
-    try:
-        ram2, state2 = link.take_incoming()
-    except LuoError as e:
-        log.error("vm %s: cannot retrieve the VM's session from the new host: %s", name, e)
-        vm.stop()
-        return 1
-    if not (_same_file(ram2, ram_fd) and _same_file(state2, state_fd)):
-        log.error("vm %s: the new host's session holds other memfds than the ones handed to us", name)
-        vm.stop()
-        return 1
-    os.close(ram2)
-    os.close(state2)
-    t_retrieved = time.monotonic_ns()
-    vm.start()
+    t_go = time.monotonic_ns()
+    vm.start()  # the new host confirmed it holds the session: the guest's memory is safe
     t_resumed = time.monotonic_ns()
     send_msg(ch, {"op": "resumed"})
     ch.close()
+    gc.enable()
 
     parts = dict(saved.get("parts_ms", {}))
     # restore overlaps the host handover; "handover" is the part of the gap not spent restoring
     saved_at = int(saved.get("saved_at", t_saved))
-    parts["handover"] = _ms(t_retrieved - saved_at - (t_restored - t_saved))
+    parts["handover"] = _ms(t_go - saved_at - (t_restored - t_saved))
     parts["restore"] = _ms(t_restored - t_saved)
-    parts["resume"] = _ms(t_resumed - t_retrieved)
+    parts["resume"] = _ms(t_resumed - t_go)
     report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts,
               "pid": os.getpid(), "vm_timings_ms": {k: round(v, 3) for k, v in vm.timings.items()}}
     log.info("vm %s resumed by successor VMM %d: blackout %.3f ms %s", name, os.getpid(), report["blackout_ms"], parts)
-    link.finish_incoming()
-    link.preserve(ram_fd, state_fd)
+    _adopt_session(link, name, ram_fd, state_fd, report)
     return RunningVmm(vm, link, state_fd, info).serve(report)

@@ -10,8 +10,11 @@ or times out instead, resume the guest here and re-attach to the new host.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
+import select
+import signal
 import socket
 import time
 from typing import Any
@@ -28,6 +31,22 @@ WARM_TIMEOUT = 120.0
 RESUME_TIMEOUT = 15.0
 
 
+def kill_and_reap(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL pid and wait until it is gone (it is not our child: wait on a pidfd)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            return
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+
+
 def _ms(ns: int) -> float:
     return round(ns / 1e6, 3)
 
@@ -39,6 +58,7 @@ class RunningVmm:
         self.state_fd = state_fd
         self.info = info
         self.successor: socket.socket | None = None
+        self.successor_pid = 0
         self.paused_at = 0
         self.parts: dict[str, float] = {}
 
@@ -98,7 +118,10 @@ class RunningVmm:
             why = got[0].get("error") if got else "it exited or did not answer"
             raise LuoError(errno.EIO, f"successor VMM for {self.vm.name} could not warm up: {why}")
         ch.settimeout(None)
+        gc.collect()
+        gc.disable()  # no collection pause inside the coming blackout
         self.successor = ch
+        self.successor_pid = int(got[0].get("pid", 0))
         return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": got[0].get("timings_ms", {})}
 
     def freeze(self) -> dict[str, Any]:
@@ -118,6 +141,7 @@ class RunningVmm:
         return {"pause_ms": self.parts["pause"], "save_ms": self.parts["save"]}
 
     def _drop_successor(self) -> None:
+        """Abort the successor and make sure it is dead: two VMMs must never run one guest."""
         if self.successor is not None:
             try:
                 send_msg(self.successor, {"op": "abort"})
@@ -125,8 +149,12 @@ class RunningVmm:
                 pass
             self.successor.close()
             self.successor = None
+        if self.successor_pid:
+            kill_and_reap(self.successor_pid)
+            self.successor_pid = 0
 
     def cancel(self) -> dict[str, Any]:
+        gc.enable()
         self._drop_successor()
         if self.vm.paused:
             self.vm.start()
@@ -152,6 +180,7 @@ class RunningVmm:
 
     def _fallback(self, why: str) -> bool:
         log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
+        gc.enable()
         self._drop_successor()
         self.vm.start()
         self.link.client.close()
