@@ -89,6 +89,12 @@ def cmd_kho_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from luo.demo import run_demo
+
+    return run_demo(args.mem, args.cpus, args.updates, args.runtime_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luo", description="live update for hypervisor hosts")
     p.add_argument("--runtime-dir", default=None, help="runtime dir (else $LUO_RUNTIME_DIR, else /run/luo)")
@@ -113,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)
     s = add("status", cmd_status, "show state, preserved fds, sessions and VMs")
     s.add_argument("--json", action="store_true")
+    dm = add("demo", cmd_demo, "the main job: a VM under load live-updated N times, blackouts reported")
+    dm.add_argument("--mem", default="1G")
+    dm.add_argument("--cpus", type=int, default=2)
+    dm.add_argument("--updates", type=int, default=5)
     k = add("kho", lambda a: 2, "KHO tree")
     ksub = k.add_subparsers(dest="kho_command", required=True)
     d = ksub.add_parser("dump", help="print the KHO tree as dts")

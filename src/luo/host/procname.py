@@ -33,3 +33,27 @@ def favour_this_thread(nice: int = CONTROL_NICE) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except OSError:
         pass
+
+
+WARMUP_NICE = 10
+
+
+def start_in_background(pid: int) -> None:
+    """Lower a just-started successor's weight while it imports and builds: its start-up must
+    not take CPU from running guests. It favours itself once warm (favour_this_thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, WARMUP_NICE)
+    except OSError:
+        pass
+
+
+def normal_weight_for_other_threads(nice: int = 0) -> None:
+    """Put every thread but the calling one at the normal weight (vCPU threads inherit the
+    weight of the thread that created them, and a successor VMM creates them while warming)."""
+    me = threading.get_native_id()
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != me:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            except OSError:
+                pass

@@ -134,9 +134,9 @@ class Incoming:
 
 def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     set_process_name("luod-next")
-    favour_this_thread()
     ch = socket.socket(fileno=channel_fd)
     _warm(runtime)
+    favour_this_thread()  # after the heavy start-up, which must not starve the guests' vCPUs
     handlers = _handlers()
     known = known_compatibles(handlers)
     inc = Incoming(runtime, handlers, known)

@@ -12,6 +12,7 @@ from typing import Any
 from luo.errors import LuoError
 from luo.host import faults
 from luo.host.handover import send_final_tree, send_handover
+from luo.host.procname import start_in_background
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import recv_msg, send_msg
 
@@ -38,6 +39,7 @@ class SuccessorLink:
             theirs.close()
             raise LuoError(errno.ENOEXEC, f"cannot start successor {argv[0]!r}: {e.strerror}") from None
         theirs.close()
+        start_in_background(proc.pid)
         link = cls(proc, mine, {})
         link.hello = link._expect("hello", start_timeout, "start and import")
         return link

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from luo.core.participants import Subsystem
 from luo.errors import LuoError
 from luo.host import faults
+from luo.host.procname import start_in_background
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import ok, recv_msg, send_msg
 
@@ -229,6 +230,7 @@ class VmSupervisor:
         finally:
             logf.close()
             theirs.close()
+        start_in_background(v.successor.pid)
         return mine.detach()
 
     def kill_successors(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host import faults
-from luo.host.procname import favour_this_thread
+from luo.host.procname import favour_this_thread, normal_weight_for_other_threads
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
@@ -77,7 +77,8 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     except LuoError as e:
         send_msg(ch, {"errno": e.errno, "error": e.message})
         return 1
-    favour_this_thread()  # after Vm.create: the vCPU threads keep the normal weight
+    normal_weight_for_other_threads()  # the vCPU threads Vm.create started while we warmed up
+    favour_this_thread()
     link = HostLink(runtime, name)
     send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(),
                   "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
