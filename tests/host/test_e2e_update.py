@@ -140,3 +140,21 @@ def test_client_waits_while_host_is_replaced(host: HostProcess) -> None:
     host.update()
     assert c.state.label == "updated"
     assert c.pid() == host.pid
+
+
+def test_client_connecting_during_update_waits(host: HostProcess) -> None:
+    """The listening socket crosses the update: a connect made mid-update is answered by the new host."""
+    answers: list[tuple[str, int]] = []
+
+    def connect_mid_update() -> None:
+        wait_for(lambda: host.state() in ("prepared", "frozen"), 30, "the update to start")
+        c = host.client()
+        answers.append((c.state.label, c.pid()))
+
+    t = threading.Thread(target=connect_mid_update)
+    t.start()
+    r = host.update()
+    t.join(30)
+    assert answers, "the mid-update client got no answer"
+    label, pid = answers[0]
+    assert (label, pid) in {("updated", r["new_pid"]), ("prepared", r["old_pid"]), ("frozen", r["old_pid"])}
