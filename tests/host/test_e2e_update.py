@@ -156,5 +156,5 @@ def test_client_connecting_during_update_waits(host: HostProcess) -> None:
     r = host.update()
     t.join(30)
     assert answers, "the mid-update client got no answer"
-    label, pid = answers[0]
-    assert (label, pid) in {("updated", r["new_pid"]), ("prepared", r["old_pid"]), ("frozen", r["old_pid"])}
+    # the old host is inside the update from prepare on and never accepts again: the new one answers
+    assert answers[0] == ("updated", r["new_pid"])
