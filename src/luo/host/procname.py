@@ -35,7 +35,7 @@ def favour_this_thread(nice: int = CONTROL_NICE) -> None:
         pass
 
 
-WARMUP_NICE = 10
+WARMUP_NICE = 19
 
 
 def start_in_background(pid: int) -> None:
