@@ -3,8 +3,10 @@
 For every guest size, in the same run:
 
 - luo: a real host in a fresh runtime dir, ``luo vm start g --mem SIZE --cpus 2`` (the test guest),
-  a heartbeat, then U updates (``luo update --json``, then ``finish``); the blackout is what the
-  VMM reports (first vCPU paused -> every vCPU running in the successor VMM) with its parts.
+  a heartbeat, then updates (``luo update --json``, then ``finish``); the blackout is what the
+  VMM reports (first vCPU paused -> every vCPU running in the successor VMM) with its parts. The
+  U updates of each size are split into rounds that visit every size in turn (a fresh host and
+  guest each time), so the shared machine's slow spells weigh on every size alike.
 - copy: the same guest booted with ``luo.vmm.vm.Vm`` in this process, then, a few times: pause ->
   save() -> write the whole guest RAM to a file under /var/tmp -> a NEW Vm with a fresh memfd ->
   read the file into its RAM -> restore(record) -> start. The same two end points as luo's
@@ -92,7 +94,9 @@ def guest_health(con: Console, boot_id: str) -> dict[str, Any]:
     }
 
 
-def run_luo(size: int, updates: int) -> dict[str, Any]:
+def luo_block(size: int, updates: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One host with one fresh guest of ``size``, ``updates`` updates: the VMM's reports and the
+    guest's own account afterwards."""
     with short_runtime_dir() as root:
         host = HostProcess(root)
         try:
@@ -118,10 +122,19 @@ def run_luo(size: int, updates: int) -> dict[str, Any]:
             host.stop()
     if health["boots"] != 1 or not health["same_boot"] or health["seq_breaks"] or health["fail"]:
         raise SystemExit(f"the guest did not survive the updates intact: {health}")
+    return runs, health
+
+
+def merge_health(hs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"guests": len(hs), "boots": max(h["boots"] for h in hs), "heartbeats": sum(h["heartbeats"] for h in hs),
+            "stalls": sum(h["stalls"] for h in hs), "max_stall_ms": max(h["max_stall_ms"] for h in hs)}
+
+
+def summarize_luo(runs: list[dict[str, Any]], health: list[dict[str, Any]]) -> dict[str, Any]:
     bl = [r["blackout_ms"] for r in runs]
     return {
         "runs": runs,
-        "health": health,
+        "health": merge_health(health),
         "median_ms": median(bl),
         "p99_ms": percentile(bl, 99),
         "min_ms": min(bl),
@@ -220,16 +233,50 @@ def run_copy(size: int, reps: int, workdir: Path) -> dict[str, Any]:
 
 # --- driver ---------------------------------------------------------------------------------
 
-def run_size(size: int, updates: int, reps: int) -> dict[str, Any]:
-    need = 2 * size + GiB  # copy: the old guest's touched pages, the file's page cache, the new guest
+def fits(size: int) -> str | None:
+    """Why ``size`` cannot run here, or None. The copy-based run holds the old guest's touched
+    pages, the file's page cache and the whole new guest at once."""
+    need = 2 * size + GiB
     avail = meminfo()["MemAvailable"]
     if need > avail:
-        return {"size": size, "skipped": f"the copy-based run needs ~{need // MiB} MiB, MemAvailable is "
-                                         f"{avail // MiB} MiB"}
-    luo = run_luo(size, updates)
-    with short_runtime_dir("luo-bc-") as d:
-        copy = run_copy(size, reps, d)
-    return {"size": size, "luo": luo, "copy": copy, "ratio": copy["median_ms"] / luo["median_ms"]}
+        return f"the copy-based run needs ~{need // MiB} MiB, MemAvailable is {avail // MiB} MiB"
+    return None
+
+
+def split(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_all(sizes: list[int], updates: int, rounds: int, reps: dict[int, int]) -> list[dict[str, Any]]:
+    """luo: ``rounds`` rounds, each visiting every size with a fresh host and guest for its share of
+    the updates, so slow spells of the shared machine fall on every size alike. Then, per size, the
+    copy-based runs."""
+    skipped = {s: why for s in sizes if (why := fits(s))}
+    todo = [s for s in sizes if s not in skipped]
+    runs: dict[int, list[dict[str, Any]]] = {s: [] for s in todo}
+    health: dict[int, list[dict[str, Any]]] = {s: [] for s in todo}
+    for r, n in enumerate(split(updates, rounds)):
+        for s in todo:
+            got, h = luo_block(s, n)
+            runs[s] += got
+            health[s].append(h)
+            bl = [x["blackout_ms"] for x in got]
+            print(f"  round {r + 1}: {fmt_size(s)} luo blackout median {median(bl):.2f} ms over {n}", flush=True)
+    results = []
+    for s in sizes:
+        if s in skipped:
+            results.append({"size": s, "skipped": skipped[s]})
+            print(f"  {fmt_size(s)}: skipped ({skipped[s]})", flush=True)
+            continue
+        luo = summarize_luo(runs[s], health[s])
+        with short_runtime_dir("luo-bc-") as d:
+            copy = run_copy(s, reps[s], d)
+        res = {"size": s, "luo": luo, "copy": copy, "ratio": copy["median_ms"] / luo["median_ms"]}
+        results.append(res)
+        print(f"  {fmt_size(s)}: luo median {luo['median_ms']:.2f} ms p99 {luo['p99_ms']:.2f} ms, "
+              f"copy median {copy['median_ms']:.0f} ms, ratio {res['ratio']:.0f}x", flush=True)
+    return results
 
 
 def targets(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -288,26 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--updates", type=int, default=20, help="luo updates per size")
     ap.add_argument("--copy-reps", type=int, default=None,
                     help="copy-based save/restores per size (default: 5, 3 from 4G up)")
-    ap.add_argument("--quick", action="store_true", help="256M, 3 updates, 1 copy-based restore")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="luo updates are split into this many rounds over all sizes (fresh host and guest each)")
+    ap.add_argument("--quick", action="store_true", help="256M, 3 updates in 1 round, 1 copy-based restore")
     ap.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
     a = ap.parse_args(argv)
     if a.quick:
-        a.sizes, a.updates, a.copy_reps = "256M", 3, a.copy_reps or 1
+        a.sizes, a.updates, a.rounds, a.copy_reps = "256M", 3, 1, a.copy_reps or 1
     if not os.path.exists(default_image()):
         raise SystemExit(f"no guest image at {default_image()}: run `make -C guest`")
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     facts = machine_facts()
     print(f"# bench/blackout.py  {facts_line(facts)}", flush=True)
-    results = []
-    for size in sizes:
-        reps = a.copy_reps or (3 if size >= 4 * GiB else 5)
-        r = run_size(size, a.updates, reps)
-        results.append(r)
-        if "luo" in r:
-            print(f"  {fmt_size(size)}: luo median {r['luo']['median_ms']:.2f} ms p99 {r['luo']['p99_ms']:.2f} ms, "
-                  f"copy median {r['copy']['median_ms']:.0f} ms, ratio {r['ratio']:.0f}x", flush=True)
-        else:
-            print(f"  {fmt_size(size)}: skipped ({r['skipped']})", flush=True)
+    reps = {s: a.copy_reps or (3 if s >= 4 * GiB else 5) for s in sizes}
+    results = run_all(sizes, a.updates, a.rounds, reps)
     print()
     print(report(results, a.updates))
     if a.json:

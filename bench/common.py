@@ -11,6 +11,7 @@ import platform
 import re
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -257,12 +258,33 @@ def machine_facts() -> dict[str, Any]:
         "mem_available_gib": round(mi.get("MemAvailable", 0) / GiB, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "luo_source": source_revision(),
     }
+
+
+def source_revision() -> str:
+    """Which luo the benchmark ran: the git commit of the imported package (``+dirty`` when its
+    src/ has uncommitted changes), else $LUO_BENCH_REV, else its path."""
+    import luo
+
+    pkg = Path(luo.__file__).resolve().parent
+    top = pkg.parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(top), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(top), "status", "--porcelain", "--", "src"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        pass
+    return os.environ.get("LUO_BENCH_REV") or str(pkg)
 
 
 def facts_line(f: dict[str, Any]) -> str:
     return (f"{f['date']}; nproc {f['nproc']} ({f['cpu']}); MemTotal {f['mem_total_gib']} GiB, "
-            f"MemAvailable {f['mem_available_gib']} GiB; Linux {f['kernel']}; Python {f['python']}")
+            f"MemAvailable {f['mem_available_gib']} GiB; Linux {f['kernel']}; Python {f['python']}; "
+            f"luo {f['luo_source']}")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
