@@ -73,6 +73,16 @@ def corrupt(blob: bytes) -> bytes:
     return bytes(b)
 
 
+def _abandon_handover(host: Host, link: SuccessorLink, e: BaseException) -> None:
+    """The successor failed after the freeze: cancel, keep every fd, and say so (raises)."""
+    link.kill()
+    host.orch.cancel()
+    host.settle()
+    log.warning("handover failed, update cancelled, every fd kept: %s", e)
+    if isinstance(e, LuoError):
+        raise LuoError(e.errno, f"handover failed; update cancelled and every fd kept: {e.message}") from None
+
+
 def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
     orch = host.orch
     if orch.state not in (State.NORMAL, State.PREPARED):
@@ -130,12 +140,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         confirm = link.handover(blob, timeout)
         tl.mark("handover")
     except BaseException as e:
-        link.kill()
-        orch.cancel()
-        host.settle()
-        log.warning("handover failed, update cancelled, every fd kept: %s", e)
-        if isinstance(e, LuoError):
-            raise LuoError(e.errno, f"handover failed; update cancelled and every fd kept: {e.message}") from None
+        _abandon_handover(host, link, e)
         raise
     # confirmed: the successor owns everything. VMMs may go on at once; the ack only lets the
     # successor host start serving.
@@ -144,12 +149,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
     try:
         link.acknowledge(tl.phases)
     except BaseException as e:
-        link.kill()
-        orch.cancel()
-        host.settle()
-        log.warning("handover failed, update cancelled, every fd kept: %s", e)
-        if isinstance(e, LuoError):
-            raise LuoError(e.errno, f"handover failed; update cancelled and every fd kept: {e.message}") from None
+        _abandon_handover(host, link, e)
         raise
     for fd in orch.handover_complete():
         os.close(fd)

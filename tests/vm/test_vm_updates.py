@@ -1,0 +1,79 @@
+"""Guests live through updates of the host and the VMM."""
+
+from __future__ import annotations
+
+import json
+
+from luo.testing.console import check_continuity
+from luo.testing.host import HostProcess
+from luo.testing.processes import alive
+from luo.testing.wait import wait_for
+
+HB_MS = 100.0
+MARGIN_MS = 60.0  # scheduling noise of a shared 2-core machine, on top of the blackout
+
+
+def vmm_pid(host: HostProcess, name: str) -> int:
+    vms = {v["name"]: v for v in host.client().status()["vms"]}
+    assert vms[name]["state"] == "running", vms
+    return int(vms[name]["pid"])
+
+
+def more_beats(host: HostProcess, name: str, n: int = 2) -> None:
+    have = host.console(name).count()
+    wait_for(lambda: host.console(name).count() >= have + n, 30, f"{n} more heartbeats from {name}")
+
+
+def test_ten_updates_guest_goes_on(vm_host) -> None:  # noqa: ANN001
+    host = vm_host("g1", mem="256M", cpus=2)
+    con = host.console("g1")
+    blackouts = []
+    host_pids = {host.pid}
+    vmm_pids = {vmm_pid(host, "g1")}
+    for i in range(10):
+        r = host.update()
+        vm = r["vms"]["g1"]
+        assert set(vm["parts_ms"]) >= {"pause", "save", "handover", "restore", "resume"}
+        assert 0 < vm["blackout_ms"] < 1000, vm
+        blackouts.append(vm["blackout_ms"])
+        assert r["liveupdate_number"] == i + 1
+        host_pids.add(r["new_pid"])
+        host.luo("finish")
+        vmm_pids.add(vmm_pid(host, "g1"))
+        more_beats(host, "g1", 1)
+    more_beats(host, "g1", 2)
+    assert len(host_pids) == 11 and len(vmm_pids) == 11  # a new host and a new VMM each time
+    assert not any(alive(p) for p in list(vmm_pids - {vmm_pid(host, "g1")}))
+    beats = con.heartbeats()
+    errors = check_continuity(beats, HB_MS, max(blackouts) + MARGIN_MS)
+    assert not errors, errors
+    assert beats[-1].seq >= 12
+    assert not con.problems(), (con.problems(), blackouts)
+    assert any(line.startswith("integrity pass=") for line in con.lines()[-200:])
+    # one JSON record per update in the runtime dir
+    records = sorted(host.rt.updates.glob("0*.json"))
+    names = {p.name for p in records}
+    for n in range(1, 11):
+        assert f"{n:06d}.json" in names, names
+    rec = json.loads((host.rt.updates / "000010.json").read_text())
+    assert rec["vms"]["g1"]["blackout_ms"] == blackouts[-1]
+
+
+def test_update_prints_blackout(vm_host) -> None:  # noqa: ANN001
+    host = vm_host("g2", mem="256M", cpus=1)
+    out = host.luo("update").stdout
+    assert "vm g2: blackout" in out and "pause" in out and "restore" in out
+    host.luo("finish")
+    assert "g2" in host.luo("vm", "list").stdout
+    st = host.luo("status").stdout
+    assert "vm:g2" in st and "luo-vm:g2:ram" in st
+
+
+def test_vm_stop_releases_its_session(vm_host) -> None:  # noqa: ANN001
+    host = vm_host("g3", mem="256M", cpus=1)
+    pid = vmm_pid(host, "g3")
+    host.luo("vm", "stop", "g3")
+    wait_for(lambda: not alive(pid), 30, "the VMM to exit")
+    st = host.client().status()
+    assert not [s for s in st["sessions"] if s["name"] == "vm:g3"]
+    assert not st["files"]
