@@ -234,9 +234,10 @@ def run_copy(size: int, reps: int, workdir: Path) -> dict[str, Any]:
 # --- driver ---------------------------------------------------------------------------------
 
 def fits(size: int) -> str | None:
-    """Why ``size`` cannot run here, or None. The copy-based run holds the old guest's touched
-    pages, the file's page cache and the whole new guest at once."""
-    need = 2 * size + GiB
+    """Why ``size`` cannot run here, or None. The copy-based run holds at once the old guest's
+    touched pages (this guest touches only RAM below 3 GiB), the whole new guest (the read fills
+    every page), and the file's page cache, which is reclaimable and not counted."""
+    need = size + min(size, 3 * GiB) + GiB
     avail = meminfo()["MemAvailable"]
     if need > avail:
         return f"the copy-based run needs ~{need // MiB} MiB, MemAvailable is {avail // MiB} MiB"
