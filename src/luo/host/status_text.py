@@ -1,30 +1,44 @@
-"""``luo status`` for humans."""
+"""``luo status`` for humans: what is preserved, by whom, and in which session."""
 
 from __future__ import annotations
 
 from typing import Any
 
+HIDDEN_FILE_KEYS = {"token", "compatible", "session", "owner", "direction", "fd", "data"}
+
+
+def _owner(o: Any) -> str:
+    if isinstance(o, dict):
+        return f"{o.get('comm') or '?'}[{o.get('pid', '?')}] uid {o.get('uid', '?')}"
+    return str(o or "-")
+
+
+def _flags(d: dict[str, Any], skip: set[str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items() if k not in skip and v not in (None, False, ""))
+
 
 def format_status(st: dict[str, Any]) -> str:
-    out = [f"state: {st.get('state')}   liveupdate-number: {st.get('liveupdate_number')}   host pid: {st.get('pid')}"]
+    out = [f"state: {st.get('state')}   liveupdate-number: {st.get('liveupdate_number')}   "
+           f"host pid: {st.get('pid')}   runtime: {st.get('runtime_dir')}"]
     files = st.get("files", [])
     out.append(f"preserved fds ({len(files)}):")
     for f in files:
         where = f"session {f['session']}" if f.get("session") else "global"
-        extra = " ".join(f"{k}={v}" for k, v in f.items()
-                         if k not in ("token", "compatible", "session", "owner"))
-        out.append(f"  token {f.get('token')}  {f.get('compatible')}  {where}  owner {f.get('owner', '')}  {extra}")
+        out.append(f"  token {f.get('token'):<4} {f.get('compatible'):<17} {f.get('direction', ''):<3} {where:<24} "
+                   f"owner {_owner(f.get('owner'))}  {_flags(f, HIDDEN_FILE_KEYS)}")
     sessions = st.get("sessions", [])
     out.append(f"sessions ({len(sessions)}):")
     for s in sessions:
-        rest = " ".join(f"{k}={v}" for k, v in s.items() if k not in ("name", "files"))
-        out.append(f"  {s.get('name')}  {rest}")
-    subs = st.get("subsystems", {})
+        out.append(f"  {s.get('name'):<24} {s.get('direction', ''):<3} files {s.get('files')}  "
+                   f"owner {_owner(s.get('owner'))}  {_flags(s, {'name', 'files', 'owner', 'direction'})}")
+    subs = st.get("subsystems", [])
     if subs:
-        out.append("subsystems: " + ", ".join(f"{k}" for k in subs))
+        names = [s.get("name", "?") if isinstance(s, dict) else str(s) for s in subs]
+        out.append("subsystems: " + ", ".join(names))
     vms = st.get("vms", [])
     if vms:
         out.append(f"vms ({len(vms)}):")
         for vm in vms:
-            out.append("  " + "  ".join(f"{k}={v}" for k, v in vm.items()))
+            out.append(f"  {vm['name']:<12} {vm['state']:<10} VMM pid {vm['pid']:<7} session {vm['session']}  "
+                       f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}")
     return "\n".join(out)
