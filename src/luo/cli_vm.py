@@ -100,7 +100,7 @@ def add_vm_commands(sub: Any) -> None:
     s.add_argument("name")
     s.add_argument("--follow", "-f", action="store_true")
 
-    vmm = sub.add_parser("vmm", help=argparse.SUPPRESS)
+    vmm = sub.add_parser("vmm", help="(internal) the VMM processes the host starts")
     msub = vmm.add_subparsers(dest="vmm_command", required=True)
     r = sp(msub, "run", cmd_vmm_run, None)
     r.add_argument("--name", required=True)
