@@ -61,7 +61,11 @@ def send_handover(ch: socket.socket, blob: bytes, fds: list[int], listener: int)
         send_msg(ch, {"op": "fds", "index": i}, fds[i : i + SCM_MAX_FD])
 
 
-def send_final_tree(ch: socket.socket, blob: bytes) -> None:
+def send_final_tree(ch: socket.socket, blob: bytes | None) -> None:
+    """The freeze-time tree; None when it equals the prepared one (nothing changed at freeze)."""
+    if blob is None:
+        send_msg(ch, {"op": "handover", "stage": "final", "unchanged": True})
+        return
     tree = blob_memfd(blob)
     try:
         send_msg(ch, {"op": "handover", "stage": "final", "tree_size": len(blob)}, (tree,))

@@ -88,6 +88,7 @@ class Incoming:
         self.record: LuoRecord | None = None
         self.fds: list[int] = []
         self.host: Host | None = None
+        self.prepared: tuple[Orchestrator, bytes]
 
     def release(self) -> None:
         """Drop our copies; the outgoing host keeps its own, so nothing is released for real."""
@@ -112,7 +113,9 @@ class Incoming:
             raise
         self.host = make_host(self.runtime, orch, listener, incoming_blob=h.blob)
         self.host.orch.take_released_fds()  # fds the record does not name: ours to drop with release()
-        self._build(h.blob)  # once for nothing: the first run of any Python path costs milliseconds
+        # Built now for the common case in which freeze changes nothing (the final tree then equals
+        # this one), and in any case the first run of a Python path costs milliseconds.
+        self.prepared = (self._build(h.blob), h.blob)
         gc.collect()
         gc.disable()  # no collection pause between here and serving (re-enabled after the handover)
 
@@ -125,8 +128,11 @@ class Incoming:
         return Orchestrator(handlers=self.handlers, subsystems=host_subsystems(self.runtime), incoming=record,
                             incoming_fds=self.fds)
 
-    def finalize(self, blob: bytes) -> Orchestrator:
-        orch = self._build(blob)
+    def finalize(self, blob: bytes | None) -> Orchestrator:
+        if blob is None:
+            orch, blob = self.prepared
+        else:
+            orch = self._build(blob)
         assert self.host is not None
         rebind_host(self.host, orch, blob)
         return orch
@@ -168,7 +174,7 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
 def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> int:
     t0 = time.perf_counter()
     try:
-        blob = read_blob(fds[0], int(msg["tree_size"]))
+        blob = None if msg.get("unchanged") else read_blob(fds[0], int(msg["tree_size"]))
     finally:
         for fd in fds:
             os.close(fd)

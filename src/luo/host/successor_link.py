@@ -73,7 +73,7 @@ class SuccessorLink:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
         self._expect("checked", timeout, "check the outgoing tree")
 
-    def handover(self, blob: bytes, timeout: float) -> dict[str, Any]:
+    def handover(self, blob: bytes | None, timeout: float) -> dict[str, Any]:
         try:
             send_final_tree(self.ch, blob)
         except OSError as e:

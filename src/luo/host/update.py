@@ -111,8 +111,8 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
             orch.prepare()
         host.publish_state()
         tl.mark("prepare")
-        record, fds = orch.outgoing_record()
-        link.prepare(tree_for(record), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)))
+        prepared, fds = orch.outgoing_record()
+        link.prepare(tree_for(prepared), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)))
         tl.mark("check")
     except BaseException as e:
         link.kill()
@@ -133,9 +133,11 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
     tl.mark("freeze")
     try:
         record, fds = orch.outgoing_record()
-        blob = tree_for(record)
-        if faults.enabled("corrupt-tree"):
-            blob = corrupt(blob)
+        blob: bytes | None = None  # the successor already holds the tree when freeze changed nothing
+        if record != prepared or faults.enabled("corrupt-tree"):
+            blob = tree_for(record)
+            if faults.enabled("corrupt-tree"):
+                blob = corrupt(blob)
         tl.mark("tree")
         confirm = link.handover(blob, timeout)
         tl.mark("handover")
