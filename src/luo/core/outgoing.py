@@ -55,7 +55,11 @@ def build_record(
 
     def record(pf: PreservedFile) -> FileRecord:
         # The handler's facts (a memfd's name and size...) first; owner and session win on clashes.
-        meta = safe_describe(pf.handler, pf.fd)
+        # They are read once (at prepare): from then on the file cannot change, and the freeze-time
+        # record is built inside the blackout.
+        if pf.facts is None:
+            pf.facts = safe_describe(pf.handler, pf.fd)
+        meta = dict(pf.facts)
         meta.update(owner_meta(pf.owner))
         if pf.session is not None:
             meta["session"] = pf.session

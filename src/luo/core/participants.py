@@ -62,6 +62,7 @@ class PreservedFile:
     data: int = 0  # the handler's u64, refreshed by preserve/prepare/freeze
     prepared: bool = False
     frozen: bool = False
+    facts: dict[str, str] | None = None  # handler.describe() as first recorded (see outgoing.py)
 
     @property
     def compatible(self) -> str:
