@@ -9,22 +9,22 @@ import threading
 
 from luo.testing.console import check_continuity
 from luo.testing.host import HostProcess
-from luo.testing.processes import alive
+from luo.testing.processes import alive, pids_of
+from luo.testing.vms import HB_MS, MARGIN_MS, more_beats, vmm_pid
 from luo.testing.wait import wait_for
-from tests.vm.test_vm_updates import HB_MS, MARGIN_MS, more_beats, vmm_pid
 
 
 def successor_vmm_pids(host: HostProcess) -> list[int]:
-    from luo.testing.processes import pids_of
-
+    """Successor VMMs (``luo ... vmm successor``) of this host's runtime dir."""
     out = []
     for pid in pids_of(host.root):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"successor" in f.read() and b"vmm" in open(f"/proc/{pid}/cmdline", "rb").read():
-                    out.append(pid)
+                argv = f.read().split(b"\0")
         except OSError:
-            pass
+            continue
+        if b"vmm" in argv and b"successor" in argv:
+            out.append(pid)
     return out
 
 

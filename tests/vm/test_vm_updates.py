@@ -5,23 +5,9 @@ from __future__ import annotations
 import json
 
 from luo.testing.console import check_continuity
-from luo.testing.host import HostProcess
 from luo.testing.processes import alive
+from luo.testing.vms import HB_MS, MARGIN_MS, more_beats, vmm_pid
 from luo.testing.wait import wait_for
-
-HB_MS = 100.0
-MARGIN_MS = 60.0  # scheduling noise of a shared 2-core machine, on top of the blackout
-
-
-def vmm_pid(host: HostProcess, name: str) -> int:
-    vms = {v["name"]: v for v in host.client().status()["vms"]}
-    assert vms[name]["state"] == "running", vms
-    return int(vms[name]["pid"])
-
-
-def more_beats(host: HostProcess, name: str, n: int = 2) -> None:
-    have = host.console(name).count()
-    wait_for(lambda: host.console(name).count() >= have + n, 30, f"{n} more heartbeats from {name}")
 
 
 def test_ten_updates_guest_goes_on(vm_host) -> None:  # noqa: ANN001

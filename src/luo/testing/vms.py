@@ -1,0 +1,22 @@
+"""Helpers for tests that watch a VM under a real host."""
+
+from __future__ import annotations
+
+from luo.testing.host import HostProcess
+from luo.testing.wait import wait_for
+
+HB_MS = 100.0  # the test guest's default heartbeat period
+MARGIN_MS = 60.0  # scheduling noise of a shared 2-core machine, on top of a blackout
+
+
+def vmm_pid(host: HostProcess, name: str) -> int:
+    """The pid of the VMM that runs ``name`` now (it changes with every update)."""
+    vms = {v["name"]: v for v in host.client().status()["vms"]}
+    assert vms[name]["state"] == "running", vms
+    return int(vms[name]["pid"])
+
+
+def more_beats(host: HostProcess, name: str, n: int = 2, timeout: float = 30.0) -> None:
+    """Wait until the guest printed ``n`` more heartbeats: proof that it runs."""
+    have = host.console(name).count()
+    wait_for(lambda: host.console(name).count() >= have + n, timeout, f"{n} more heartbeats from {name}")
