@@ -142,19 +142,23 @@ def test_client_waits_while_host_is_replaced(host: HostProcess) -> None:
     assert c.pid() == host.pid
 
 
-def test_client_connecting_during_update_waits(host: HostProcess) -> None:
+def test_client_connecting_during_update_waits(make_host) -> None:  # noqa: ANN001
     """The listening socket crosses the update: a connect made mid-update is answered by the new host."""
-    answers: list[tuple[str, int]] = []
-
-    def connect_mid_update() -> None:
-        wait_for(lambda: host.state() in ("prepared", "frozen"), 30, "the update to start")
-        c = host.client()
-        answers.append((c.state.label, c.pid()))
-
-    t = threading.Thread(target=connect_mid_update)
+    host = make_host({"LUO_PROBES": "a:hold-prepare"})
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(host.update()))
     t.start()
-    r = host.update()
-    t.join(30)
-    assert answers, "the mid-update client got no answer"
-    # the old host is inside the update from prepare on and never accepts again: the new one answers
-    assert answers[0] == ("updated", r["new_pid"])
+    log = host.root / "probes.log"
+    wait_for(lambda: log.exists() and "probe-a prepare" in log.read_text(), 60, "the update to reach prepare")
+    answers: list[tuple[str, int]] = []
+    c = host.client()
+    c.conn._ensure()  # connected (queued on the listening socket) while the old host is inside the update
+    asker = threading.Thread(target=lambda: answers.append((c.state.label, c.pid())))
+    asker.start()
+    with open(host.root / "probe-a.hold", "wb"):
+        pass  # lets the update go on
+    t.join(60)
+    asker.join(60)
+    assert result, "the update did not finish"
+    # the old host never accepts again once inside the update: the new one answers
+    assert answers == [("updated", result["new_pid"])]

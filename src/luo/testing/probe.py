@@ -2,7 +2,9 @@
 
 A host started with ``LUO_PROBES="a,b:prepare,c:freeze"`` registers subsystems ``probe-a``,
 ``probe-b`` (fails prepare) and ``probe-c`` (fails freeze), in that order, each appending
-``<name> <event>`` to ``<runtime>/probes.log``. Tests read the log to assert callback and
+``<name> <event>`` to ``<runtime>/probes.log``. ``d:hold-prepare`` makes ``probe-d`` stop inside
+its prepare until a test opens the FIFO ``<runtime>/probe-d.hold`` for writing: a way to act
+while the host is in the middle of an update, without guessing at timing. Tests read the log to assert callback and
 rollback order through the whole stack (socket, daemon, orchestrator).
 """
 
@@ -25,6 +27,12 @@ class ProbeSubsystem(Subsystem):
     def _record(self, event: str) -> None:
         with open(self.log, "a") as f:
             f.write(f"{self.name} {event}\n")
+        if f"hold-{event}" in self.fail_at:
+            fifo = self.log.with_name(f"{self.name}.hold")
+            if not fifo.exists():
+                os.mkfifo(fifo)
+            with open(fifo, "rb"):  # blocks until the test opens the other end
+                pass
         if event in self.fail_at:
             raise LuoError(errno.EAGAIN, f"{self.name} fails {event} on purpose")
 
