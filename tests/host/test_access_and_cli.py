@@ -128,3 +128,37 @@ def test_second_host_refused(host: HostProcess) -> None:
     cp = subprocess.run([sys.executable, "-m", "luo", "--runtime-dir", str(host.root), "host"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 1 and "EADDRINUSE" in cp.stderr
+
+
+def test_errnos_cross_the_socket(host: HostProcess) -> None:
+    """The kernel's errnos reach libluo unchanged (a sample of the rows the core tests exhaustively)."""
+    import errno
+
+    import pytest
+
+    from luo.errors import LuoError
+
+    c = host.client()
+
+    def err(fn) -> int:  # noqa: ANN001
+        with pytest.raises(LuoError) as e:
+            fn()
+        return e.value.errno
+
+    null = os.open("/dev/null", os.O_RDWR)
+    assert err(lambda: c.preserve_fd(null)) == errno.ENOENT  # no handler, as upstream
+    assert err(lambda: c.create_session("x" * 64)) == errno.EINVAL
+    s = c.create_session("x" * 63)
+    assert err(lambda: c.create_session("x" * 63)) == errno.EEXIST
+    assert err(lambda: c.retrieve_session("nope")) == errno.ENOENT
+    assert err(lambda: c.restore_fd(0)) == errno.EBUSY  # only in UPDATED
+    assert err(lambda: c.unpreserve_fd(99)) == errno.ENOENT
+    fd = os.memfd_create("limit", os.MFD_ALLOW_SEALING)
+    for token in range(128):
+        s.preserve_fd(fd, token)
+    assert err(lambda: s.preserve_fd(fd, 128)) == errno.ENOSPC
+    assert err(lambda: s.preserve_fd(fd, 5)) == errno.EEXIST
+    unsealable = os.memfd_create("no-sealing")  # MFD_ALLOW_SEALING missing: size cannot be frozen
+    assert err(lambda: c.preserve_fd(unsealable)) == errno.EPERM
+    s.close()
+    c.close()
