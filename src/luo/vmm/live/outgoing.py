@@ -68,11 +68,7 @@ class RunningVmm:
         while True:
             got = recv_msg(sock)
             if got is None:
-                log.warning("vm %s: the host went away outside an update; preserving again with the next one",
-                            self.vm.name)
-                self.link.client.close()
-                self.link.preserve(self.vm.memfd, self.state_fd)
-                sock = self.link.register(self.info)
+                sock = self._reattach()
                 continue
             msg, fds = got
             op = msg.get("op")
@@ -100,6 +96,21 @@ class RunningVmm:
                 for fd in fds:
                     os.close(fd)
                 self.link.answer_error(e)
+
+    def _reattach(self) -> socket.socket:
+        """The host died outside an update: the guest keeps running here, and is preserved again
+        (its session died with the host) as soon as a host serves the runtime dir."""
+        log.warning("vm %s: the host went away outside an update; the guest runs on, waiting for a host",
+                    self.vm.name)
+        while True:
+            try:
+                self.link.client.close()
+                self.link.preserve(self.vm.memfd, self.state_fd)
+                sock = self.link.register(self.info)
+                log.info("vm %s: preserved again and registered with the new host", self.vm.name)
+                return sock
+            except LuoError as e:
+                log.warning("vm %s: no host yet (%s); still waiting", self.vm.name, e)
 
     def prepare(self, fds: list[int]) -> dict[str, Any]:
         if len(fds) != 1:
