@@ -22,7 +22,6 @@ For every guest size, in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Any
 from common import (
     GiB,
     MiB,
+    emit,
     facts_line,
     fmt_size,
     machine_facts,
@@ -350,11 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench/blackout.py  {facts_line(facts)}", flush=True)
     reps = {s: a.copy_reps or (3 if s >= 4 * GiB else 5) for s in sizes}
     results = run_all(sizes, a.updates, a.rounds, reps)
-    print()
-    print(report(results, a.updates))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"machine": facts, "updates": a.updates, "results": results}, f, indent=1)
+    emit(report(results, a.updates), a.json, facts, a.updates, results)
     return 0
 
 

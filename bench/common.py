@@ -319,3 +319,14 @@ def _cell(v: Any) -> str:
 
 def now_ms() -> float:
     return time.perf_counter() * 1000.0
+
+
+def emit(report_text: str, json_path: str | None, facts: dict, updates: int, results: list | dict) -> None:
+    """Print the tables; keep every single measurement in ``json_path`` when asked."""
+    print()
+    print(report_text)
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump({"machine": facts, "updates": updates, "results": results}, f, indent=1)

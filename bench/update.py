@@ -21,7 +21,6 @@ show up in any of them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from common import (
     GiB,
     MemorySampler,
     MiB,
+    emit,
     facts_line,
     fmt_size,
     machine_facts,
@@ -259,11 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"new +{s['new_extra_mib']:.1f} MiB, Shmem Δ {s['shmem_peak_delta_mib']:.1f} MiB", flush=True)
             else:
                 print(f"  {fmt_size(size)} x {n} fds: skipped ({r['skipped']})", flush=True)
-    print()
-    print(report(results, a.updates))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"machine": facts, "updates": a.updates, "results": results}, f, indent=1)
+    emit(report(results, a.updates), a.json, facts, a.updates, results)
     return 0
 
 
