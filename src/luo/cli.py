@@ -95,6 +95,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.mem, args.cpus, args.updates, args.runtime_dir)
 
 
+def cmd_qualify(args: argparse.Namespace) -> int:
+    from luo.qualify import run_qualify
+
+    return run_qualify(args.from_cmd, args.to_cmd, args.mem, args.cpus, args.round_trip, args.json,
+                       args.runtime_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luo", description="live update for hypervisor hosts")
     p.add_argument("--runtime-dir", default=None, help="runtime dir (else $LUO_RUNTIME_DIR, else /run/luo)")
@@ -123,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--mem", default="1G")
     dm.add_argument("--cpus", type=int, default=2)
     dm.add_argument("--updates", type=int, default=5)
+    q = add("qualify", cmd_qualify, "qualify live update from one installation of luo to another")
+    q.add_argument("--from", dest="from_cmd", default=None, metavar="CMD",
+                   help="the luo command of the installation to update from (default: this one)")
+    q.add_argument("--to", dest="to_cmd", default=None, metavar="CMD",
+                   help="the luo command of the installation to update to (default: this one)")
+    q.add_argument("--mem", default="256M")
+    q.add_argument("--cpus", type=int, default=2)
+    q.add_argument("--round-trip", action="store_true", help="then update back from --to to --from")
+    q.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     k = add("kho", lambda a: 2, "KHO tree")
     ksub = k.add_subparsers(dest="kho_command", required=True)
     d = ksub.add_parser("dump", help="print the KHO tree as dts")

@@ -17,8 +17,13 @@ from luo.testing.processes import kill_all
 
 
 class HostProcess:
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    """A host in ``root``. ``command`` is the ``luo`` of the installation to run (default: this one);
+    it starts the host and runs ``luo(...)``. It may be changed after an update to another version,
+    so that the host's own installation drives it."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
         self.rt = RuntimeDir(Path(root))
+        self.command: list[str] = list(command) if command else [sys.executable, "-m", "luo"]
         self.env = {**os.environ, **(env or {})}
         self.env.pop("LUO_RUNTIME_DIR", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -35,7 +40,7 @@ class HostProcess:
         self.rt.ensure()
         logf = open(self.log, "ab")
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "luo", "--runtime-dir", str(self.root), "host"],
+            self.proc = subprocess.Popen([*self.command, "--runtime-dir", str(self.root), "host"],
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self.env,
                                          start_new_session=True)
         finally:
@@ -55,7 +60,7 @@ class HostProcess:
 
     def luo(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the real ``luo`` command against this host."""
-        cp = subprocess.run([sys.executable, "-m", "luo", "--runtime-dir", str(self.root), *args],
+        cp = subprocess.run([*self.command, "--runtime-dir", str(self.root), *args],
                             capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and cp.returncode != 0:
             raise AssertionError(f"luo {' '.join(args)} failed ({cp.returncode}): {cp.stderr.strip()}\n"
