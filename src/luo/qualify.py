@@ -106,6 +106,22 @@ def sha_of(fd: int) -> tuple[str, int]:
     return h.hexdigest(), off
 
 
+def listen_queue(port: int) -> int | None:
+    """Connections waiting in the accept queue of the TCP socket listening on ``port`` (None: no
+    such listener). For a listening socket, /proc/net/tcp's rx_queue is that queue's length: this
+    looks at the socket the old host holds without touching it."""
+    try:
+        with open("/proc/net/tcp") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        cols = row.split()
+        if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":  # 0A: TCP_LISTEN
+            return int(cols[4].split(":")[1], 16)
+    return None
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
@@ -256,8 +272,14 @@ class Qualification:
             finally:
                 os.close(fd)
             checked.append(what)
-        how = f"{' and '.join(checked)} bit-exact" if checked else "listed"
-        return f"global token {w.token} and session {w.session_name} (memfd, socket) still preserved; {how}"
+        queued = listen_queue(w.port)
+        if queued is None:
+            raise Failed(f"nothing listens on port {w.port} any more")
+        if queued < 1:
+            raise Failed(f"port {w.port} still listens, but the connection made before the update is gone")
+        how = f"{' and '.join(checked)} bit-exact" if checked else "memfds listed"
+        return (f"global token {w.token} and session {w.session_name} still preserved; {how}; "
+                f"port {w.port} listening with {queued} connection queued")
 
     def files_arrived(self, w: Workload) -> None:
         c = self.host.client()
@@ -498,5 +520,6 @@ def _start(host: HostProcess) -> str:
     try:
         host.start(timeout=60)
     except (LuoError, OSError, WaitTimeout) as e:
-        raise Failed(f"{_one_line(e)}; luod.log: {host.log_tail(3)}") from None
+        tail = host.log_tail(1)
+        raise Failed(_one_line(e) + (f"; luod.log: {tail}" if tail and tail not in str(e) else "")) from None
     return f"pid {host.pid}, {shlex.join(host.command)}"

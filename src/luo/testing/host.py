@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from luo.client import Client
 from luo.client.connection import open_socket
+from luo.errors import LuoError
 from luo.host.runtime import RuntimeDir
 from luo.testing.console import Console
 from luo.testing.processes import kill_all
@@ -45,8 +48,23 @@ class HostProcess:
                                          start_new_session=True)
         finally:
             logf.close()
-        open_socket(self.rt.socket, timeout).close()
+        self._wait_listening(timeout)
         return self
+
+    def _wait_listening(self, timeout: float) -> None:
+        """Wait for the control socket, but not for a host that already exited (a wrong command)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                open_socket(self.rt.socket, max(0.0, min(0.5, deadline - time.monotonic()))).close()
+                return
+            except LuoError as e:
+                if e.errno != errno.ECONNREFUSED or time.monotonic() >= deadline:
+                    raise
+                code = self.proc.poll() if self.proc is not None else None
+                if code is not None:
+                    raise LuoError(errno.ESRCH, f"host {' '.join(self.command)} exited (status {code}) before "
+                                   f"listening: {self.log_tail(1) or 'nothing in luod.log'}") from None
 
     @property
     def pid(self) -> int | None:
