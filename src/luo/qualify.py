@@ -13,6 +13,7 @@ workload intact on the old host, so that is checked too. ``--round-trip`` goes b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -480,6 +481,9 @@ def run_qualify(from_cmd: str | None = None, to_cmd: str | None = None, mem: str
     """Qualify live update from ``from_cmd``'s installation to ``to_cmd``'s; 0 if every check passed."""
     cmd_a, cmd_b = parse_command(from_cmd), parse_command(to_cmd)
     made = runtime_dir is None
+    if runtime_dir and Path(runtime_dir).exists() and any(Path(runtime_dir).iterdir()):
+        # it ends by killing every process that names its runtime dir: never a live host's
+        raise LuoError(errno.EEXIST, f"qualify needs a runtime dir of its own; {runtime_dir} is not empty")
     root = Path(runtime_dir) if runtime_dir else Path(tempfile.mkdtemp(prefix="luo-q-", dir="/tmp")) / "rt"
     out = sys.stderr if as_json else sys.stdout
 

@@ -93,3 +93,11 @@ def test_command_forms(short_dir: Path) -> None:
     (venv / "bin" / "luo").write_text("#!/bin/sh\n")
     assert parse_command(str(venv)) == [str(venv / "bin" / "luo")]
     assert parse_command("/opt/py/bin/python -m luo") == ["/opt/py/bin/python", "-m", "luo"]
+
+
+def test_refuses_a_runtime_dir_in_use(host) -> None:  # noqa: ANN001
+    """Qualify ends by killing every process of its runtime dir: never one a host already uses."""
+    cp = subprocess.run([sys.executable, "-m", "luo", "--runtime-dir", str(host.root), "qualify"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 1 and "EEXIST" in cp.stderr, cp.stderr
+    assert host.state() == "normal" and host.client().pid() == host.pid
