@@ -151,7 +151,7 @@ class Qualification:
             ok, detail = True, fn()
         except Failed as e:
             ok, detail = False, str(e)
-        except (LuoError, OSError, AssertionError, subprocess.SubprocessError, ValueError, KeyError) as e:
+        except Exception as e:  # whatever the other version does is a finding to report, not a crash
             ok, detail = False, _one_line(e)
         self.checks.append(Check(name, ok, detail))
         self.echo(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
@@ -369,7 +369,15 @@ class Qualification:
         old_pid = self.host.pid
         con = self.host.console(VM)
         beats_before, problems_before = con.count(), len(con.problems())
-        old_vmm = self.vmm_pid() if self.vm_running else None
+        vmm: list[int] = []
+
+        def vm_before() -> str:
+            vmm.append(self.running_vmm_pid())
+            return f"VMM pid {vmm[0]}, {con.count()} heartbeats so far"
+
+        if self.vm_running and not self.check(f"{leg}: VM running before the update", vm_before):
+            return False
+        old_vmm = vmm[0] if vmm else None
         out: dict[str, Any] = {}
 
         def update() -> str:
