@@ -174,3 +174,18 @@ def test_update_from_updated_needs_finish(host: HostProcess) -> None:
     host.update()
     err = assert_update_refused(host, errname="EINVAL")
     assert "luo finish" in err
+
+
+def test_successor_speaking_older_protocol_gets_full_tree(host: HostProcess) -> None:
+    token, sha = preserve_memfd(host)
+    r = host.update("--fault", "successor-protocol=2")
+    assert r["new_pid"] != r["old_pid"]
+    assert restored_sha(host, token) == sha
+
+
+def test_successor_speaking_unknown_protocol_refused_before_prepare(make_host: Callable[..., HostProcess]) -> None:
+    host = make_host({"LUO_PROBES": "a"})
+    pid = host.pid
+    assert_update_refused(host, "--fault", "successor-protocol=1", errname="EPROTONOSUPPORT")
+    assert probes(host) == []  # refused before prepare
+    assert host.pid == pid and host.state() == "normal"

@@ -9,6 +9,7 @@ The update hands its faults to the processes it starts (successor host, successo
 - ``successor-stall-handover``: the successor writes ``<runtime>/successor.stalled`` (its pid) after
   receiving the handover and never confirms, so a test can kill it right there.
 - ``successor-forget=<compatible>``: the successor acts as a version that does not know that compatible.
+- ``successor-protocol=<n>``: the successor announces handover protocol n (as an older version would).
 - ``vmm-successor-stall-restore``: a successor VMM writes ``<vm dir>/successor.stalled`` before restoring
   and waits, so a test can kill it during restore.
 """

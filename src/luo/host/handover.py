@@ -15,6 +15,13 @@ from dataclasses import dataclass
 from luo.errors import LuoError
 from luo.host.wire import SCM_MAX_FD, recv_msg, send_msg
 
+# The host-to-host message protocol (not the tree: that is versioned by its compatibles).
+# 1: one-stage handover (the tree and fds at freeze).
+# 2: two-stage: the tree, fds and listener at prepare, the final tree at freeze.
+# 3: as 2, and the final tree may be "unchanged" (the prepared one stands).
+HANDOVER_PROTOCOL = 3
+OLDEST_SUPPORTED = 2
+
 F_ADD_SEALS = 1033
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
 

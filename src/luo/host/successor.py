@@ -23,7 +23,7 @@ from luo.errors import LuoError
 from luo.handlers import default_handlers
 from luo.host import faults
 from luo.host.daemon import Host
-from luo.host.handover import read_blob, recv_handover
+from luo.host.handover import HANDOVER_PROTOCOL, read_blob, recv_handover
 from luo.host.procname import favour_this_thread, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.setup import host_subsystems, known_compatibles, make_host, rebind_host
@@ -146,7 +146,8 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     handlers = _handlers()
     known = known_compatibles(handlers)
     inc = Incoming(runtime, handlers, known)
-    send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known)})
+    protocol = int((faults.values("successor-protocol") or [HANDOVER_PROTOCOL])[0])
+    send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known), "protocol": protocol})
     while True:
         got = recv_msg(ch)
         if got is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host import faults
-from luo.host.handover import send_final_tree, send_handover
+from luo.host.handover import HANDOVER_PROTOCOL, OLDEST_SUPPORTED, send_final_tree, send_handover
 from luo.host.procname import start_in_background
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import recv_msg, send_msg
@@ -41,8 +41,30 @@ class SuccessorLink:
         theirs.close()
         start_in_background(proc.pid)
         link = cls(proc, mine, {})
-        link.hello = link._expect("hello", start_timeout, "start and import")
+        try:
+            link.hello = link._expect("hello", start_timeout, "start and import")
+            link.check_protocol()
+        except BaseException:
+            link.kill()
+            raise
         return link
+
+    @property
+    def protocol(self) -> int:
+        """The successor's handover protocol; versions before it was announced spoke 2."""
+        return int(self.hello.get("protocol", 2))
+
+    def check_protocol(self) -> None:
+        """Refuse, before anything is prepared, a successor whose messages this host cannot speak."""
+        if self.protocol < OLDEST_SUPPORTED:
+            raise LuoError(errno.EPROTONOSUPPORT,
+                           f"successor pid {self.pid} speaks handover protocol {self.protocol}; "
+                           f"this host speaks {OLDEST_SUPPORTED} to {HANDOVER_PROTOCOL}")
+
+    @property
+    def takes_unchanged(self) -> bool:
+        """Whether the successor accepts "unchanged" for a final tree equal to the prepared one."""
+        return self.protocol >= 3
 
     def _expect(self, what: str, timeout: float, doing: str) -> dict[str, Any]:
         self.ch.settimeout(timeout)
@@ -53,7 +75,10 @@ class SuccessorLink:
         except OSError:
             got = None
         if got is None:
-            code = self.proc.poll()
+            try:
+                code = self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                code = None
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} exited (status {code}) before it could {doing}")
         msg, fds = got
         for fd in fds:

@@ -134,7 +134,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
     try:
         record, fds = orch.outgoing_record()
         blob: bytes | None = None  # the successor already holds the tree when freeze changed nothing
-        if record != prepared or faults.enabled("corrupt-tree"):
+        if record != prepared or not link.takes_unchanged or faults.enabled("corrupt-tree"):
             blob = tree_for(record)
             if faults.enabled("corrupt-tree"):
                 blob = corrupt(blob)
