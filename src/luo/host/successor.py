@@ -167,6 +167,10 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
                 send_msg(ch, error_reply(e))
             continue
         if op == "handover":
+            if msg.get("unchanged") and protocol < 3:  # what we announced we would not understand
+                send_msg(ch, error_reply(LuoError(errno.EPROTO, "an unchanged final tree needs protocol 3")))
+                inc.release()
+                return 2
             return _take_over(ch, msg, fds, inc)
         for fd in fds:
             os.close(fd)
