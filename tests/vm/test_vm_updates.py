@@ -63,3 +63,19 @@ def test_vm_stop_releases_its_session(vm_host) -> None:  # noqa: ANN001
     st = host.client().status()
     assert not [s for s in st["sessions"] if s["name"] == "vm:g3"]
     assert not st["files"]
+
+
+def test_two_vms_cross_updates_together(vm_host) -> None:  # noqa: ANN001
+    host = vm_host("a", mem="256M", cpus=1)
+    host.luo("vm", "start", "b", "--mem", "512M", "--cpus", "2")
+    wait_for(lambda: host.console("b").count() >= 2, 60, "b's first heartbeats")
+    for _ in range(3):
+        r = host.update()
+        assert set(r["vms"]) == {"a", "b"}
+        host.luo("finish")
+    for name in ("a", "b"):
+        more_beats(host, name, 2)
+        con = host.console(name)
+        assert not check_continuity(con.heartbeats(), HB_MS, 200.0), name
+        assert not con.problems(), (name, con.problems())
+    assert sorted(s["name"] for s in host.client().status()["sessions"]) == ["vm:a", "vm:b"]
