@@ -53,6 +53,7 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
     from luo.core.orchestrator import Orchestrator
     from luo.handlers import default_handlers
     from luo.host.procname import favour_this_thread, set_process_name
+    from luo.host.sdnotify import notify
     from luo.host.setup import host_subsystems, make_host
 
     set_process_name("luod")
@@ -63,6 +64,7 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
     orch = Orchestrator(handlers=default_handlers(), subsystems=host_subsystems(rt))
     host = make_host(rt, orch, listener)
     listener.listen(128)
+    notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {rt.socket}")
     host.serve_forever()
     return exit_now()
 

@@ -26,6 +26,7 @@ from luo.host.daemon import Host
 from luo.host.handover import HANDOVER_PROTOCOL, read_blob, recv_handover
 from luo.host.procname import favour_this_thread, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
+from luo.host.sdnotify import notify
 from luo.host.setup import host_subsystems, known_compatibles, make_host, rebind_host
 from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
@@ -205,6 +206,13 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> i
         log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
         return 4
     old_phases = got[0].get("phases_ms", {}) if got is not None else {}
+    # Become the service's main process before the old host exits (systemd would otherwise see
+    # its main process die), then let the old host go.
+    notify(f"MAINPID={os.getpid()}", f"STATUS=serving after live update #{orch.liveupdate_number}")
+    try:
+        send_msg(ch, {"op": "adopted"})
+    except OSError:
+        pass
     ch.close()
     set_process_name("luod")
     host.last_update = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,

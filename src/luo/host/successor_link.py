@@ -111,6 +111,15 @@ class SuccessorLink:
         except OSError as e:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} died after confirming: {e.strerror}") from None
 
+    def wait_adopted(self, timeout: float = 5.0) -> bool:
+        """Wait until the successor has taken over as the service's main process (see sdnotify)."""
+        try:
+            self.ch.settimeout(timeout)
+            got = recv_msg(self.ch)
+        except (TimeoutError, OSError):
+            return False
+        return got is not None and got[0].get("op") == "adopted"
+
     def kill(self) -> None:
         try:
             send_msg(self.ch, {"op": "abort"})

@@ -157,6 +157,8 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         os.close(fd)
     host.close_released()
     tl.mark("release")
+    if not link.wait_adopted():  # the VMs are already on their way: this only orders the exit
+        log.warning("successor %d did not report taking over as main process", link.pid)
     host.exit_after_step = True
     result = {
         "old_pid": os.getpid(),
