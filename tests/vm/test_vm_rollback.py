@@ -94,3 +94,16 @@ def test_successor_vmm_killed_during_restore(vm_host) -> None:  # noqa: ANN001
     r = host.update()
     assert "c3" in r["vms"]
     more_beats(host, "c3", 2)
+
+
+def test_successor_vmm_that_cannot_warm_fails_prepare(vm_host) -> None:  # noqa: ANN001
+    host = vm_host("c4")
+    pid = vmm_pid(host, "c4")
+    old_host = host.pid
+    cp = host.luo("update", "--fault", "vmm-successor-fail-warm", check=False)
+    assert cp.returncode == 1 and "nothing was frozen" in cp.stderr and "ENOMEM" in cp.stderr, cp.stderr
+    assert host.pid == old_host and host.state() == "normal"
+    more_beats(host, "c4", 3)
+    assert vmm_pid(host, "c4") == pid
+    r = host.update()  # and the next update goes through
+    assert "c4" in r["vms"]

@@ -10,6 +10,7 @@ The update hands its faults to the processes it starts (successor host, successo
   receiving the handover and never confirms, so a test can kill it right there.
 - ``successor-forget=<compatible>``: the successor acts as a version that does not know that compatible.
 - ``successor-protocol=<n>``: the successor announces handover protocol n (as an older version would).
+- ``vmm-successor-fail-warm``: a successor VMM cannot build its VM at prepare.
 - ``vmm-successor-stall-restore``: a successor VMM writes ``<vm dir>/successor.stalled`` before restoring
   and waits, so a test can kill it during restore.
 """

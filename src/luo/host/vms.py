@@ -252,8 +252,11 @@ class VmSupervisor:
 
 
 class _Partial(LuoError):
+    """Some VMMs failed a request: the errno of the first one that gave one (else EIO), every reason."""
+
     def __init__(self, answers: dict[str, dict[str, Any]], errors: list[str]) -> None:
-        super().__init__(errno.EIO, "; ".join(errors))
+        errnos = [int(a["errno"]) for a in answers.values() if a.get("errno")]
+        super().__init__(errnos[0] if errnos else errno.EIO, "; ".join(errors))
         self.answers = answers
 
 

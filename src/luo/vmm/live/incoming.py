@@ -8,6 +8,7 @@ resume. Re-preserving and registering happen after the guest runs again.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -72,6 +73,8 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     info: dict[str, Any] = msg.get("info", {})
     t0 = time.perf_counter()
     try:
+        if faults.enabled("vmm-successor-fail-warm"):
+            raise LuoError(errno.ENOMEM, "cannot build the VM (fault injected)")
         console = FileConsoleSink(str(runtime.vm_dir(name) / "console.log"))
         vm = Vm.create(name, int(msg["mem"]), int(msg["cpus"]), memfd=ram_fd, console=console)
     except LuoError as e:

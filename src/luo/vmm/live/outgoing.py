@@ -92,9 +92,10 @@ class RunningVmm:
                     return 0
                 else:
                     raise LuoError(errno.ENOTTY, f"unknown VMM request {op!r}")
-            except LuoError as e:
-                for fd in fds:
-                    os.close(fd)
+            except Exception as e:  # whatever a request does, the guest must not die with it
+                if not isinstance(e, LuoError):
+                    log.exception("vm %s: request %r failed", self.vm.name, op)
+                    e = LuoError(errno.EIO, f"VMM request {op!r} failed: {e}")
                 self.link.answer_error(e)
 
     def _reattach(self) -> socket.socket:
@@ -116,7 +117,7 @@ class RunningVmm:
         if len(fds) != 1:
             raise LuoError(errno.EINVAL, "prepare needs the channel to the successor VMM")
         t0 = time.perf_counter()
-        ch = socket.socket(fileno=fds[0])
+        ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
         send_msg(ch, {"op": "warm", "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
                       "info": self.info}, (self.vm.memfd, self.state_fd))
         ch.settimeout(WARM_TIMEOUT)
@@ -127,7 +128,8 @@ class RunningVmm:
         if got is None or got[0].get("errno"):
             ch.close()
             why = got[0].get("error") if got else "it exited or did not answer"
-            raise LuoError(errno.EIO, f"successor VMM for {self.vm.name} could not warm up: {why}")
+            err = int(got[0]["errno"]) if got else errno.EIO
+            raise LuoError(err, f"successor VMM for {self.vm.name} could not warm up: {why}")
         ch.settimeout(None)
         gc.collect()
         gc.disable()  # no collection pause inside the coming blackout
