@@ -6,7 +6,9 @@ import errno
 import logging
 import os
 import socket
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from luo.client import Client, Session
 from luo.client.connection import open_socket
@@ -17,8 +19,32 @@ from luo.host.wire import raise_for, recv_msg, send_msg
 
 log = logging.getLogger("luo.vmm")
 
+T = TypeVar("T")
+
 RAM_TOKEN = 0
 STATE_TOKEN = 1
+
+
+TAKEN_TIMEOUT = 15.0
+
+
+def _while_taken(fn: Callable[[], T], what: str) -> T:
+    """Retry ``fn`` while the VM's name is still taken (EEXIST) by the VMM it replaces.
+
+    After a successor VMM resumes the guest, its predecessor exits within milliseconds and the
+    host then drops the old session and registration; only in a host that survived a failed
+    handover can they still be there when the successor asks. Polling is all there is: the
+    host tells nobody when another process's session goes.
+    """
+    deadline = time.monotonic() + TAKEN_TIMEOUT
+    while True:
+        try:
+            return fn()
+        except LuoError as e:
+            if e.errno != errno.EEXIST or time.monotonic() >= deadline:
+                raise
+            log.info("the VM's %s is still taken by the previous VMM (%s); retrying", what, e.message)
+        time.sleep(0.02)
 
 
 class HostLink:
@@ -31,7 +57,7 @@ class HostLink:
 
     def preserve(self, ram_fd: int, state_fd: int) -> None:
         """(Re)create the VM's session and preserve its RAM and state memfds in it."""
-        s = self.client.create_session(session_name(self.name))
+        s = _while_taken(lambda: self.client.create_session(session_name(self.name)), "session")
         s.preserve_fd(ram_fd, RAM_TOKEN)
         s.preserve_fd(state_fd, STATE_TOKEN)
         self.session = s
@@ -64,13 +90,20 @@ class HostLink:
             s.close()
 
     def register(self, info: dict[str, Any], report: dict[str, Any] | None = None) -> socket.socket:
+        return _while_taken(lambda: self._register(info, report), "registration")
+
+    def _register(self, info: dict[str, Any], report: dict[str, Any] | None) -> socket.socket:
         sock = open_socket(self.runtime.socket, 60.0)
         send_msg(sock, {"op": "vm_register", "name": self.name, "pid": os.getpid(), "info": info,
                         "report": report})
         got = recv_msg(sock)
         if got is None:
             raise LuoError(errno.ECONNRESET, "the host went away while the VM registered")
-        raise_for(got[0])
+        try:
+            raise_for(got[0])
+        except LuoError:
+            sock.close()
+            raise
         self.sock = sock
         return sock
 

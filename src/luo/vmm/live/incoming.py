@@ -59,7 +59,11 @@ def _adopt_session(link: HostLink, name: str, ram_fd: int, state_fd: int, report
             log.error("vm %s: the new host's session holds other memfds than the ones handed to us", name)
             report["session_error"] = "the session held other memfds"
         link.finish_incoming()
-    link.preserve(ram_fd, state_fd)
+    try:
+        link.preserve(ram_fd, state_fd)
+    except LuoError as e:  # the guest runs; it is only unprotected until the next host or retry
+        log.error("vm %s: cannot preserve the guest's memory with the new host: %s", name, e)
+        report["session_error"] = str(e)
     report["after_resume_ms"] = {"retrieve_and_preserve": _ms(time.monotonic_ns() - t0)}
 
 
