@@ -107,3 +107,24 @@ def test_successor_vmm_that_cannot_warm_fails_prepare(vm_host) -> None:  # noqa:
     assert vmm_pid(host, "c4") == pid
     r = host.update()  # and the next update goes through
     assert "c4" in r["vms"]
+
+
+def test_successor_host_dying_after_confirmation(vm_host) -> None:  # noqa: ANN001
+    """The VMs already moved on to their successor VMMs; the old host takes them back under its wing."""
+    host = vm_host("c5")
+    con = host.console("c5")
+    old_vmm = vmm_pid(host, "c5")
+    old_host = host.pid
+    cp = host.luo("update", "--fault", "successor-exit-after-confirm", check=False)
+    assert cp.returncode == 1 and "died after confirming" in cp.stderr, cp.stderr
+    assert host.pid == old_host and host.state() == "normal"
+    wait_for(lambda: any(v["name"] == "c5" and v["state"] == "running" and v["pid"] != old_vmm
+                         for v in host.client().status()["vms"]), 60, "the successor VMM to register here")
+    wait_for(lambda: [s["name"] for s in host.client().status()["sessions"]] == ["vm:c5"], 30,
+             "the VM's memory to be preserved again")
+    more_beats(host, "c5", 3)
+    beats = con.heartbeats()
+    assert len({b.boot_id for b in beats}) == 1
+    assert [b.seq for b in beats] == list(range(beats[0].seq, beats[0].seq + len(beats)))
+    r = host.update()  # and the next update works
+    assert "c5" in r["vms"]

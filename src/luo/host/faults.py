@@ -8,6 +8,7 @@ The update hands its faults to the processes it starts (successor host, successo
 - ``corrupt-tree``: the outgoing host damages the KHO blob it hands over.
 - ``successor-stall-handover``: the successor writes ``<runtime>/successor.stalled`` (its pid) after
   receiving the handover and never confirms, so a test can kill it right there.
+- ``successor-exit-after-confirm``: the successor dies between its confirmation and taking over.
 - ``successor-forget=<compatible>``: the successor acts as a version that does not know that compatible.
 - ``successor-protocol=<n>``: the successor announces handover protocol n (as an older version would).
 - ``vmm-successor-fail-warm``: a successor VMM cannot build its VM at prepare.

@@ -206,6 +206,8 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> i
         log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
         return 4
     old_phases = got[0].get("phases_ms", {}) if got is not None else {}
+    if faults.enabled("successor-exit-after-confirm"):
+        os._exit(9)
     # Become the service's main process before the old host exits (systemd would otherwise see
     # its main process die), then let the old host go.
     notify(f"MAINPID={os.getpid()}", f"STATUS=serving after live update #{orch.liveupdate_number}")

@@ -150,15 +150,16 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         host.vms.handed_over()
     try:
         link.acknowledge(tl.phases)
+        if not link.wait_adopted():
+            raise LuoError(errno.ESRCH, f"successor pid {link.pid} died after confirming")
     except BaseException as e:
+        # Rare: the VMs already went on in their successor VMMs, which re-attach to this host.
         _abandon_handover(host, link, e)
         raise
-    for fd in orch.handover_complete():
+    for fd in orch.handover_complete():  # the successor serves: only now do our copies go
         os.close(fd)
     host.close_released()
     tl.mark("release")
-    if not link.wait_adopted():  # the VMs are already on their way: this only orders the exit
-        log.warning("successor %d did not report taking over as main process", link.pid)
     host.exit_after_step = True
     result = {
         "old_pid": os.getpid(),

@@ -176,7 +176,7 @@ class VmSupervisor:
 
     # -- participant requests ----------------------------------------------------------
     def running(self) -> list[VmEntry]:
-        return [v for v in self.vms.values() if v.conn is not None and v.state != "stopped"]
+        return [v for v in self.vms.values() if v.conn is not None and v.state == "running"]
 
     def _ask(self, vms: list[VmEntry], msg: dict, timeout: float,
              fds_for: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
@@ -249,6 +249,7 @@ class VmSupervisor:
             except OSError:
                 pass
             v.successor = None  # it belongs to the next host now
+            v.state = "handed-over"  # its VMM answers nothing more: the guest moves on
 
 
 class _Partial(LuoError):
@@ -314,7 +315,7 @@ class VmmSubsystem(Subsystem):
             log.error("cancel: %s", e)
 
     def cancel(self, data: int) -> None:
-        self._cancel(self.prepared)
+        self._cancel([v for v in self.prepared if v.state == "running"])  # not those already handed over
         self.sup.kill_successors()
         self.prepared, self.frozen = [], []
 
