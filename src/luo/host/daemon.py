@@ -230,6 +230,3 @@ class Host:
             raise LuoError(errno.EPERM, f"uid {c.peer.uid} may not {op}: only root or the host's user may")
         return fn(c, msg, fds)
 
-
-def reply_ok(**fields: Any) -> Reply:
-    return ok(**fields), []
