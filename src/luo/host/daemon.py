@@ -22,7 +22,7 @@ from luo.core.states import State
 from luo.errors import LuoError
 from luo.host.credentials import Peer
 from luo.host.runtime import RuntimeDir
-from luo.host.wire import error_reply, ok, recv_msg, send_msg
+from luo.host.wire import error_reply, recv_msg, send_msg
 
 log = logging.getLogger("luod")
 
