@@ -131,8 +131,8 @@ class RunningVmm:
             err = int(got[0]["errno"]) if got else errno.EIO
             raise LuoError(err, f"successor VMM for {self.vm.name} could not warm up: {why}")
         ch.settimeout(None)
-        gc.collect()
-        gc.disable()  # no collection pause inside the coming blackout
+        gc.disable()  # no collection pause inside the coming blackout (no collect now: it would hold
+        # the GIL that the running vCPU threads need for every exit)
         self.successor = ch
         self.successor_pid = int(got[0].get("pid", 0))
         return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": got[0].get("timings_ms", {})}
