@@ -75,10 +75,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_kho_dump(args: argparse.Namespace) -> int:
-    which = "outgoing" if args.outgoing else "incoming"
-    with _client(args) as c:
-        reply, _ = c.call("kho_dump", which=which)
-    blob = base64.b64decode(reply["blob"])
+    if args.file:
+        try:
+            with open(args.file, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise LuoError(e.errno or 5, f"cannot read {args.file}: {e.strerror}") from None
+    else:
+        which = "outgoing" if args.outgoing else "incoming"
+        with _client(args) as c:
+            reply, _ = c.call("kho_dump", which=which)
+        blob = base64.b64decode(reply["blob"])
     if args.raw:
         sys.stdout.buffer.write(blob)
         sys.stdout.flush()
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = d.add_mutually_exclusive_group()
     g.add_argument("--incoming", action="store_true")
     g.add_argument("--outgoing", action="store_true")
+    g.add_argument("--file", default=None, help="a DTB file (e.g. a refused tree kept in <runtime>/updates)")
     d.add_argument("--raw", action="store_true", help="write the DTB itself to stdout")
     d.set_defaults(fn=cmd_kho_dump)
     from luo.cli_vm import add_vm_commands

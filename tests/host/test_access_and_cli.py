@@ -69,6 +69,9 @@ def test_kho_dump_matches_dtc(host: HostProcess) -> None:
     raw = subprocess.run([sys.executable, "-m", "luo", "--runtime-dir", str(host.root), "kho", "dump", "--raw"],
                          capture_output=True, check=True).stdout
     assert raw[:4] == b"\xd0\x0d\xfe\xed"
+    kept = host.root / "tree.dtb"
+    kept.write_bytes(raw)
+    assert host.luo("kho", "dump", "--file", str(kept)).stdout == ours
     dtc = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", "-q"], input=raw, capture_output=True, check=True)
     theirs = dtc.stdout.decode()
     for needle in ('compatible = "kho-v1"', 'compatible = "luo-v1"', 'compatible = "memfd-v1"',

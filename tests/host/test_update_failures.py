@@ -163,9 +163,15 @@ def test_malformed_tree_refused_cleanly(host: HostProcess) -> None:
     token, sha = preserve_memfd(host, 4 << 20)
     pid = host.pid
     err = assert_update_refused(host, "--fault", "corrupt-tree", errname="EINVAL")
-    assert "every fd kept" in err
+    assert "every fd kept" in err and "refused tree kept in" in err
     assert host.pid == pid and host.state() == "normal"
     assert "refuses the handover" in host.log.read_text()
+    # what was refused is kept for the operator, and the host says what happened
+    kept = list(host.rt.updates.glob("refused-*.dtb"))
+    assert len(kept) == 1
+    assert "refused" in host.client().status()["last_update"]["failed"]
+    cp = host.luo("kho", "dump", "--file", str(kept[0]), check=False)
+    assert cp.returncode == 1 and "EINVAL" in cp.stderr and cp.stderr.count("\n") == 1
     host.update()
     assert restored_sha(host, token) == sha
 

@@ -193,7 +193,12 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> i
         orch = inc.finalize(blob)
     except LuoError as e:
         log.error("successor %d refuses the handover: %s", os.getpid(), e)
-        send_msg(ch, error_reply(e))
+        reply = error_reply(e)
+        if blob is not None:  # keep what was refused for the operator (luo kho dump --file)
+            kept = inc.runtime.updates / f"refused-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.dtb"
+            kept.write_bytes(blob)
+            reply["refused_tree"] = str(kept)
+        send_msg(ch, reply)
         inc.release()
         return 2
     host = inc.host

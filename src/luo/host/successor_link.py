@@ -84,7 +84,8 @@ class SuccessorLink:
         for fd in fds:
             os.close(fd)
         if msg.get("errno"):
-            raise LuoError(int(msg["errno"]), f"successor pid {self.pid} refused: {msg.get('error', '')}")
+            kept = f" (refused tree kept in {msg['refused_tree']})" if msg.get("refused_tree") else ""
+            raise LuoError(int(msg["errno"]), f"successor pid {self.pid} refused: {msg.get('error', '')}{kept}")
         if msg.get("op", what) != what:
             raise LuoError(errno.EPROTO, f"successor answered {msg.get('op')!r}, expected {what!r}")
         return msg

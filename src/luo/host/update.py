@@ -79,6 +79,7 @@ def _abandon_handover(host: Host, link: SuccessorLink, e: BaseException) -> None
     host.orch.cancel()
     host.settle()
     log.warning("handover failed, update cancelled, every fd kept: %s", e)
+    host.last_update = {"failed": str(e), "stage": "handover", "successor_pid": link.pid, "time": time.time()}
     if isinstance(e, LuoError):
         raise LuoError(e.errno, f"handover failed; update cancelled and every fd kept: {e.message}") from None
 
