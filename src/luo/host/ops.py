@@ -10,7 +10,7 @@ import base64
 import errno
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from luo.errors import LuoError
 from luo.host.wire import ok
@@ -25,10 +25,13 @@ def _one_fd(fds: list[int], op: str) -> int:
     return fds[0]
 
 
-def _token(msg: dict[str, Any], required: bool = True) -> int | None:
+def _optional_token(msg: dict[str, Any]) -> int | None:
+    """RFC v2 preserve: no token means the kernel assigns one."""
+    return None if msg.get("token") is None else _token(msg)
+
+
+def _token(msg: dict[str, Any]) -> int:
     t = msg.get("token")
-    if t is None and not required:
-        return None
     if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= 1 << 64:
         raise LuoError(errno.EINVAL, f"token must be an unsigned 64-bit integer, not {t!r}")
     return t
@@ -41,6 +44,11 @@ def _name(msg: dict[str, Any]) -> str:
     return name
 
 
+def sessions_of(host: Host) -> list[dict[str, Any]]:
+    """The sessions part of the orchestrator's status (JSON-shaped)."""
+    return cast(list[dict[str, Any]], host.orch.status().get("sessions", []))
+
+
 def install(host: Host) -> None:
 
     def get_state(c: Conn, msg: dict, fds: list[int]) -> Reply:
@@ -50,7 +58,7 @@ def install(host: Host) -> None:
     def preserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fd = os.dup(_one_fd(fds, "preserve_fd"))
         try:
-            token = host.orch.preserve_fd(fd, _token(msg, required=False), owner=c.peer.owner())
+            token = host.orch.preserve_fd(fd, _optional_token(msg), owner=c.peer.owner())
         except BaseException:
             os.close(fd)
             raise
@@ -151,7 +159,7 @@ def install(host: Host) -> None:
 
     def s_status(c: Conn, msg: dict, fds: list[int]) -> Reply:
         name = c.session.name
-        for s in host.orch.status().get("sessions", []):
+        for s in sessions_of(host):
             if s.get("name") == name:
                 return ok(session=s), []
         raise LuoError(errno.ENOENT, f"session {name!r} is gone")

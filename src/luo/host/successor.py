@@ -70,8 +70,8 @@ def _warm(runtime: RuntimeDir) -> None:
 def _same_shape(a: LuoRecord, b: LuoRecord) -> bool:
     """The final tree must name the same files at the same fd indices as the prepared one."""
 
-    def shape(r: LuoRecord) -> list[tuple]:
-        files = [(None, f.token, f.compatible, f.fd_index) for f in r.files]
+    def shape(r: LuoRecord) -> list[tuple[str | None, int, str, int]]:
+        files: list[tuple[str | None, int, str, int]] = [(None, f.token, f.compatible, f.fd_index) for f in r.files]
         for s in r.sessions:
             files += [(s.name, f.token, f.compatible, f.fd_index) for f in s.files]
         return files
@@ -147,7 +147,8 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     handlers = _handlers()
     known = known_compatibles(handlers)
     inc = Incoming(runtime, handlers, known)
-    protocol = int((faults.values("successor-protocol") or [HANDOVER_PROTOCOL])[0])
+    announced = faults.values("successor-protocol")
+    protocol = int(announced[0]) if announced else HANDOVER_PROTOCOL
     send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known), "protocol": protocol})
     while True:
         got = recv_msg(ch)

@@ -82,8 +82,8 @@ class RunningVmm:
                 elif op == "handed_over":
                     if self.handed_over():
                         return 0
-                    sock = self.link.sock  # re-registered with the new host after a fallback
-                    assert sock is not None
+                    assert self.link.sock is not None  # re-registered with the new host after a fallback
+                    sock = self.link.sock
                 elif op == "stop":
                     self.vm.stop()
                     if self.link.session is not None:
