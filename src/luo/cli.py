@@ -109,6 +109,12 @@ def cmd_qualify(args: argparse.Namespace) -> int:
                        args.runtime_dir)
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from luo.selftest import run_selftest
+
+    return run_selftest(args.runtime_dir, args.sessions, args.files)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luo", description="live update for hypervisor hosts")
     p.add_argument("--runtime-dir", default=None, help="runtime dir (else $LUO_RUNTIME_DIR, else /run/luo)")
@@ -146,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cpus", type=int, default=2)
     q.add_argument("--round-trip", action="store_true", help="then update back from --to to --from")
     q.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
+    st = add("selftest", cmd_selftest, "two-stage live-update selftest (run, update, run again)")
+    st.add_argument("--sessions", type=int, default=4)
+    st.add_argument("--files", type=int, default=3)
     k = add("kho", lambda a: 2, "KHO tree")
     ksub = k.add_subparsers(dest="kho_command", required=True)
     d = ksub.add_parser("dump", help="print the KHO tree as dts")
