@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from guest_console import GUEST_DIR  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = REPO / "guest"
 GUEST_ELF = GUEST_DIR / "build" / "luo-guest.elf"
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
+from luo.testing.console import HEARTBEAT as HEARTBEAT_RE  # one definition of the line  # noqa: F401
+from luo.testing.console import Heartbeat, parse_heartbeats
+
+GUEST_DIR = Path(__file__).resolve().parents[2] / "guest"
+
 BOOT_RE = re.compile(r'^luo-guest boot cpus=(\d+) mem=(\d+) boot_id=([0-9a-f]{16}) cmdline="(.*)"$')
 READY = "luo-guest ready"
-HEARTBEAT_RE = re.compile(r"^heartbeat seq=(\d+) mono_ns=(\d+) boot_id=([0-9a-f]{16}) integrity=(ok|FAIL)$")
 INTEGRITY_START_RE = re.compile(r"^integrity start addr=0x([0-9a-f]+) bytes=(\d+)$")
 INTEGRITY_PASS_RE = re.compile(r"^integrity pass=(\d+) bytes=(\d+)$")
 INTEGRITY_FAIL_RE = re.compile(
@@ -26,14 +30,6 @@ STALL_RE = re.compile(r"^stall gap_ns=(\d+) cpu=(\d+)$")
 FATAL = "luo-guest FATAL"
 
 Lines = list[str]
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    seq: int
-    mono_ns: int
-    boot_id: str
-    integrity_ok: bool
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,7 @@ def boots(lines: Lines) -> list[Boot]:
 
 
 def heartbeats(lines: Lines) -> list[Heartbeat]:
-    return [Heartbeat(int(m[1]), int(m[2]), m[3], m[4] == "ok") for m in map(HEARTBEAT_RE.match, lines) if m]
+    return parse_heartbeats(lines)
 
 
 def integrity_start(lines: Lines) -> tuple[int, int] | None:

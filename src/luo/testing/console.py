@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-HEARTBEAT = re.compile(r"^heartbeat seq=(\d+) mono_ns=(\d+) boot_id=(\w+) integrity=(ok|FAIL)")
+# The one definition of the test guest's heartbeat line (docs/guest.md).
+HEARTBEAT = re.compile(r"^heartbeat seq=(\d+) mono_ns=(\d+) boot_id=([0-9a-f]{16}) integrity=(ok|FAIL)$")
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,14 @@ class Heartbeat:
     mono_ns: int
     boot_id: str
     integrity: str
+
+    @property
+    def integrity_ok(self) -> bool:
+        return self.integrity == "ok"
+
+
+def parse_heartbeats(lines: list[str]) -> list[Heartbeat]:
+    return [Heartbeat(int(m[1]), int(m[2]), m[3], m[4]) for m in map(HEARTBEAT.match, lines) if m]
 
 
 class Console:
@@ -28,12 +37,7 @@ class Console:
             return []
 
     def heartbeats(self) -> list[Heartbeat]:
-        out = []
-        for line in self.lines():
-            m = HEARTBEAT.match(line)
-            if m:
-                out.append(Heartbeat(int(m[1]), int(m[2]), m[3], m[4]))
-        return out
+        return parse_heartbeats(self.lines())
 
     def problems(self) -> list[str]:
         """Lines in which the guest reports trouble in its own words."""
