@@ -115,6 +115,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return run_selftest(args.runtime_dir, args.sessions, args.files)
 
 
+def cmd_keeper(args: argparse.Namespace) -> int:
+    from luo.host.runtime import resolve_runtime_dir
+    from luo.keeper.server import run_keeper
+
+    return run_keeper(resolve_runtime_dir(args.runtime_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luo", description="live update for hypervisor hosts")
     p.add_argument("--runtime-dir", default=None, help="runtime dir (else $LUO_RUNTIME_DIR, else /run/luo)")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = add("host", cmd_host, "run the host daemon (luod)")
     h.add_argument("--successor", type=int, default=None, help=argparse.SUPPRESS)
+    add("keeper", cmd_keeper, "hold preserved fds across a crash of luod (started by luod)")
     add("state", cmd_state, "print the LUO state")
     for ev in ("prepare", "freeze", "cancel", "finish"):
         add(ev, cmd_event, f"send the {ev} event")
