@@ -125,7 +125,9 @@ def cmd_keeper(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luo", description="live update for hypervisor hosts")
     p.add_argument("--runtime-dir", default=None, help="runtime dir (else $LUO_RUNTIME_DIR, else /run/luo)")
-    p.add_argument("--connect-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    # seconds to wait for a host to appear; by default a command that needs the host and finds
+    # none says so at once (a connect during an update is queued, so it needs no wait)
+    p.add_argument("--connect-timeout", type=float, default=0.0, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:

@@ -64,13 +64,24 @@ def cmd_vm_console(args: argparse.Namespace) -> int:
                 time.sleep(0.1)  # following a log file: nothing to wait on but the file itself
 
 
+def _require_host(args: argparse.Namespace) -> None:
+    """The VMM processes are the host's children: with no host at all, say so before building a
+    VM (libluo in the VMM waits for a host to come back, which is for re-attaching after a crash)."""
+    from luo.client.connection import open_socket
+    from luo.host.runtime import RuntimeDir, resolve_runtime_dir
+
+    open_socket(RuntimeDir(resolve_runtime_dir(args.runtime_dir)).socket).close()
+
+
 def cmd_vmm_run(args: argparse.Namespace) -> int:
+    _require_host(args)
     from luo.vmm.live.main import run_vmm
 
     return run_vmm(args.runtime_dir, args.name, args.mem, args.cpus, args.image, args.cmdline)
 
 
 def cmd_vmm_successor(args: argparse.Namespace) -> int:
+    _require_host(args)
     from luo.vmm.live.main import run_successor
 
     return run_successor(args.runtime_dir, args.name, args.channel)

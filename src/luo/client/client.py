@@ -18,7 +18,10 @@ from luo.errors import LuoError
 
 
 class Client:
-    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> None:
+    """libluo on the host of ``runtime_dir``. ``timeout``: seconds to wait for a host to appear
+    when (re)connecting; 0 (the default) raises ECONNREFUSED at once when no host listens."""
+
+    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 0.0) -> None:
         self.conn = Connection(runtime_dir, timeout)
 
     def call(self, op: str, fds: tuple[int, ...] = (), *, timeout: float | None = None, retry: bool = True,
@@ -89,8 +92,11 @@ class Client:
         return int(reply["pid"])
 
 
-def connect(runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> Client:
-    """Open libluo on the host of ``runtime_dir`` (else $LUO_RUNTIME_DIR, else /run/luo)."""
+def connect(runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 0.0) -> Client:
+    """Open libluo on the host of ``runtime_dir`` (else $LUO_RUNTIME_DIR, else /run/luo).
+
+    No host listening raises ECONNREFUSED at once; with ``timeout`` > 0, waits up to that long
+    for one to start."""
     c = Client(runtime_dir, timeout)
     c.conn._ensure()
     return c

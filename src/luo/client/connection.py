@@ -6,6 +6,13 @@ to the old host ends when it exits; the next call reconnects. A request whose co
 breaks before any reply is retried once on a fresh connection: the host handles a request and
 replies in one step of its loop and only exits between steps, so an unanswered request was
 never handled.
+
+Because the listening socket outlives every host of an update, a missing socket file (ENOENT)
+or a refused connect (ECONNREFUSED: a socket file nobody listens on any more) means that no
+host runs at all: libluo says so at once (ECONNREFUSED) instead of waiting. The waiting an
+update needs is the kernel's accept queue, and the reconnect after a handover is the one retry
+above. Only a caller that knows a host is being started (a test harness, a VMM re-attaching
+after its host died) passes a ``timeout`` to wait for one to appear.
 """
 
 from __future__ import annotations
@@ -18,12 +25,24 @@ from pathlib import Path
 from typing import Any
 
 from luo.errors import LuoError
-from luo.host.runtime import RuntimeDir, resolve_runtime_dir
+from luo.host.runtime import DEFAULT_RUNTIME_DIR, RuntimeDir, resolve_runtime_dir
 from luo.host.wire import raise_for, recv_msg, send_msg
 
 
-def open_socket(path: Path, timeout: float) -> socket.socket:
-    """Connect, waiting while no host listens yet (the socket file is missing or refused)."""
+def no_host(path: Path, why: str) -> LuoError:
+    """ECONNREFUSED with a sentence an operator can act on: which socket, and how to start a host."""
+    start = "luo host" if path.parent == Path(DEFAULT_RUNTIME_DIR) else f"luo --runtime-dir {path.parent} host"
+    return LuoError(errno.ECONNREFUSED, f"no luo host listens on {path} ({why}); start one with `{start}`")
+
+
+def open_socket(path: Path, timeout: float = 0.0) -> socket.socket:
+    """Connect to the host's control socket.
+
+    No host (no socket file, or a refused connect) raises ECONNREFUSED at once, unless
+    ``timeout`` > 0: then the file is polled for up to ``timeout`` seconds, for a caller that
+    knows a host is starting (there is no event to wait on for a file to appear). A connect
+    during an update is queued, never refused, so it needs no timeout.
+    """
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
@@ -33,17 +52,22 @@ def open_socket(path: Path, timeout: float) -> socket.socket:
             return s
         except (FileNotFoundError, ConnectionRefusedError) as e:
             s.close()
-            if time.monotonic() >= deadline:
-                raise LuoError(errno.ECONNREFUSED, f"no luo host listens on {path}: {e.strerror}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "no socket file" if isinstance(e, FileNotFoundError) else "a stale socket file: connection refused"
+                raise no_host(path, why) from None
         except PermissionError:
             s.close()
             raise LuoError(errno.EACCES, f"not allowed to connect to {path} (root or the host's user only)") from None
-        time.sleep(delay)  # polling for a socket file to appear: there is no event to wait on
+        time.sleep(min(delay, left))  # polling for a host to appear: there is no event to wait on
         delay = min(delay * 2, 0.1)
 
 
 class Connection:
-    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> None:
+    """libluo's connection. ``timeout``: seconds to wait for a host to appear when (re)connecting;
+    0 (the default) fails at once when none listens."""
+
+    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 0.0) -> None:
         self.runtime = RuntimeDir(resolve_runtime_dir(str(runtime_dir) if runtime_dir else None))
         self.timeout = timeout
         self._sock: socket.socket | None = None

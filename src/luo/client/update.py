@@ -13,7 +13,7 @@ from luo.client.client import Client
 
 
 def update(runtime_dir: str | os.PathLike[str] | None = None, to: str | list[str] | None = None,
-           timeout: float = 10.0, connect_timeout: float = 30.0, faults: list[str] | None = None) -> dict[str, Any]:
+           timeout: float = 10.0, connect_timeout: float = 0.0, faults: list[str] | None = None) -> dict[str, Any]:
     with Client(runtime_dir, timeout=connect_timeout) as c:
         reply, _ = c.call("update", to=to, handover_timeout=timeout, retry=False, faults=faults or [])
     result = {k: v for k, v in reply.items() if k != "errno"}

@@ -51,7 +51,7 @@ class HostLink:
     def __init__(self, runtime: RuntimeDir, name: str) -> None:
         self.runtime = runtime
         self.name = name
-        self.client = Client(runtime.root)
+        self.client = Client(runtime.root, timeout=30.0)
         self.session: Session | None = None
         self.sock: socket.socket | None = None
 
