@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from luo.core.participants import Subsystem
 from luo.errors import LuoError
-from luo.host import faults
+from luo.host import faults, fields
 from luo.host.procname import start_in_background
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import ok, recv_msg, send_msg
@@ -75,15 +75,23 @@ class VmSupervisor:
         return d
 
     def op_register(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
-        name = str(msg.get("name", ""))
+        """A VMM joins as a participant. ``info`` and ``report`` are kept and shown in the status,
+        so they are bounded; the pid in the request is only checked, the socket's credentials say
+        who registers."""
+        fields.no_fds(fds, "vm_register")
+        name = fields.text(msg, "name", 48, pattern=VM_NAME,
+                           rule="letters, digits, '_', '.', '-'; at most 48, the first a letter or digit")
+        fields.integer(msg, "pid", 1, fields.PID_MAX, None)
+        info = fields.mapping(msg, "info", 16 << 10, {})
+        report = fields.mapping(msg, "report", 64 << 10, None)
         old = self.vms.get(name)
         if old is not None and old.conn is not None and old.conn is not c:
             raise LuoError(errno.EEXIST, f"VM {name!r} is already registered by pid {old.pid}")
-        v = old or VmEntry(name, int(msg.get("pid", c.peer.pid)))
+        v = old or VmEntry(name, c.peer.pid)
         v.pid = c.peer.pid
         v.conn = c
-        v.info = dict(msg.get("info", {}))
-        v.report = msg.get("report")
+        v.info = info
+        v.report = report
         v.state = "running"
         self.vms[name] = v
         c.extra["participant"] = True
@@ -99,20 +107,25 @@ class VmSupervisor:
             log.info("vm %s: VMM pid %d is gone", v.name, v.pid)
 
     def op_start(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
-        name = str(msg.get("name", ""))
-        if not VM_NAME.match(name):
-            raise LuoError(errno.EINVAL, f"VM name {name!r}: letters, digits, '_', '.', '-', at most 48")
+        """Every field is checked before the VM's directory or process exists."""
+        fields.no_fds(fds, "vm_start")
+        name = fields.text(msg, "name", 48, pattern=VM_NAME,
+                           rule="letters, digits, '_', '.', '-'; at most 48, the first a letter or digit")
+        mem = fields.size(msg, "mem", 1 << 20, 1 << 40, 256 << 20)
+        cpus = fields.integer(msg, "cpus", 1, 64, 2)
+        image = fields.text(msg, "image", 4096, None)
+        cmdline = fields.text(msg, "cmdline", 4096, None)
+        timeout = fields.finite(msg, "timeout", 0, 3600, 60.0)
         if name in self.vms and self.vms[name].conn is not None:
             raise LuoError(errno.EEXIST, f"VM {name!r} is already running (pid {self.vms[name].pid})")
         vdir = self.runtime.vm_dir(name)
         vdir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "luo", "--runtime-dir", str(self.runtime.root),
-                "vmm", "run", "--name", name, "--mem", str(msg.get("mem", "256M")),
-                "--cpus", str(int(msg.get("cpus", 2)))]
-        if msg.get("image"):
-            argv += ["--image", str(msg["image"])]
-        if msg.get("cmdline") is not None:
-            argv += ["--cmdline", str(msg["cmdline"])]
+                "vmm", "run", "--name", name, "--mem", str(mem), "--cpus", str(cpus)]
+        if image:
+            argv += ["--image", image]
+        if cmdline is not None:
+            argv += ["--cmdline", cmdline]
         logf = open(vdir / "vmm.log", "ab")
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -130,16 +143,19 @@ class VmSupervisor:
                 return {"errno": errno.EIO, "error": f"VMM for {name!r} exited with {proc.returncode}: {tail}"}, []
             return None
 
-        def timeout() -> Reply:
+        def on_timeout() -> Reply:
             return {"errno": errno.ETIMEDOUT, "error": f"VMM for {name!r} did not register in time"}, []
 
-        return self.host.defer(c, poll, float(msg.get("timeout", 60.0)), timeout)
+        return self.host.defer(c, poll, timeout, on_timeout)
 
     def op_list(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "vm_list")
         return ok(vms=[self.describe(v) for v in self.vms.values()]), []
 
     def op_stop(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
-        name = str(msg.get("name", ""))
+        fields.no_fds(fds, "vm_stop")
+        name = fields.text(msg, "name", 48, pattern=VM_NAME,
+                           rule="letters, digits, '_', '.', '-'; at most 48, the first a letter or digit")
         v = self.vms.get(name)
         if v is None or v.conn is None:
             raise LuoError(errno.ENOENT, f"no running VM {name!r}")
@@ -149,6 +165,8 @@ class VmSupervisor:
 
     def op_wait_update(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
         """Answer once every VM that crossed the update has reported its blackout."""
+        fields.no_fds(fds, "wait_update")
+        wait = fields.finite(msg, "wait", 0, 3600, 30.0)
 
         def poll() -> Reply | None:
             if all(n in self.vms and self.vms[n].report for n in self.expected):
@@ -161,7 +179,7 @@ class VmSupervisor:
             rec["missing_vms"] = missing
             return ok(update=rec), []
 
-        return self.host.defer(c, poll, float(msg.get("wait", 30.0)), timeout)
+        return self.host.defer(c, poll, wait, timeout)
 
     def update_record(self) -> dict[str, Any]:
         rec = dict(self.host.last_update or {})
