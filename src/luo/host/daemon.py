@@ -20,6 +20,7 @@ from typing import Any
 from luo.core.orchestrator import Orchestrator
 from luo.core.states import State
 from luo.errors import LuoError
+from luo.host import fields
 from luo.host.credentials import Peer
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import error_reply, recv_msg, send_msg
@@ -28,6 +29,7 @@ log = logging.getLogger("luod")
 
 Reply = tuple[dict[str, Any], list[int]]
 DEFERRED: Reply = ({"deferred": True}, [])  # the op answers later, through Host.defer
+MAX_OP = 64  # characters of an op name; the longest is a third of that
 
 
 @dataclass
@@ -178,6 +180,9 @@ class Host:
         self.add_conn(sock, Peer.of(sock))
 
     def step(self, c: Conn) -> None:
+        """Read one request and answer it. Nothing a peer sends may end the loop: the preserved
+        state lives in this process, so a malformed request is refused, and a bug that a request
+        runs into is answered with EIO."""
         try:
             got = recv_msg(c.sock)
         except LuoError as e:
@@ -185,6 +190,10 @@ class Host:
             return
         except OSError:
             got = None
+        except Exception as e:  # recv_msg raises only the two above; if it ever did not, refuse
+            log.exception("reading a request failed")
+            self.reply(c, error_reply(LuoError(errno.EIO, f"internal error reading the request: {e!r}")), [])
+            return
         if got is None:
             self.drop_conn(c)
             return
@@ -198,8 +207,8 @@ class Host:
         except LuoError as e:
             reply, out_fds = error_reply(e), []
         except Exception as e:  # a bug must not take the preserved state down with it
-            log.exception("request %r failed", msg.get("op"))
-            reply, out_fds = error_reply(LuoError(errno.EIO, f"internal error: {e}")), []
+            log.exception("request %.80r failed", msg.get("op"))
+            reply, out_fds = error_reply(LuoError(errno.EIO, f"internal error: {e!r}")), []
         finally:
             for fd in fds:  # the ops dup what they keep
                 try:
@@ -207,7 +216,11 @@ class Host:
                 except OSError:
                     pass
         if reply is not DEFERRED[0]:
-            self.reply(c, reply, out_fds)
+            try:
+                self.reply(c, reply, out_fds)
+            except Exception as e:  # a reply that cannot be encoded: say so rather than stop serving
+                log.exception("answering %.80r failed", msg.get("op"))
+                self.reply(c, error_reply(LuoError(errno.EIO, f"internal error answering: {e!r}")), [])
         self.close_released()
 
     def reply(self, c: Conn, reply: dict[str, Any], fds: list[int]) -> None:
@@ -220,7 +233,11 @@ class Host:
                 os.close(fd)
 
     def dispatch(self, c: Conn, msg: dict[str, Any], fds: list[int]) -> Reply:
-        op = str(msg.get("op", ""))
+        """Find and run the op. Each op checks its own fields (luo.host.fields) and fds."""
+        op = msg.get("op")
+        if not isinstance(op, str) or len(op) > MAX_OP:
+            raise fields.refuse("op", f"must be the name of an operation (a string of at most {MAX_OP} "
+                                f"characters), not {fields.show(op)}")
         table = self.session_ops if c.session is not None else self.ops
         entry = table.get(op)
         if entry is None:

@@ -1,7 +1,9 @@
 """The control-socket operations: /dev/liveupdate's ioctls, one function each.
 
 Each op receives the connection, the request and the fds that came with it (closed by the loop
-afterwards, so an op ``os.dup``s what it keeps) and returns the reply and fds to send back.
+afterwards, so an op ``os.dup``s what it keeps) and returns the reply and fds to send back. Each
+op checks every field it reads, and the fds, through luo.host.fields before it changes anything:
+a request is refused whole or carried out.
 """
 
 from __future__ import annotations
@@ -12,36 +14,18 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
+from luo.core.participants import SESSION_NAME_MAX
 from luo.errors import LuoError
+from luo.host import fields
 from luo.host.wire import ok
 
 if TYPE_CHECKING:
     from luo.host.daemon import Conn, Host, Reply
 
 
-def _one_fd(fds: list[int], op: str) -> int:
-    if len(fds) != 1:
-        raise LuoError(errno.EBADF, f"{op} needs exactly one fd, got {len(fds)}")
-    return fds[0]
-
-
-def _optional_token(msg: dict[str, Any]) -> int | None:
-    """RFC v2 preserve: no token means the kernel assigns one."""
-    return None if msg.get("token") is None else _token(msg)
-
-
-def _token(msg: dict[str, Any]) -> int:
-    t = msg.get("token")
-    if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= 1 << 64:
-        raise LuoError(errno.EINVAL, f"token must be an unsigned 64-bit integer, not {t!r}")
-    return t
-
-
 def _name(msg: dict[str, Any]) -> str:
-    name = msg.get("name")
-    if not isinstance(name, str):
-        raise LuoError(errno.EINVAL, "session name must be a string")
-    return name
+    """A session name: the kernel's is a NUL-terminated ``char name[64]``."""
+    return fields.text(msg, "name", SESSION_NAME_MAX)
 
 
 def sessions_of(host: Host) -> list[dict[str, Any]]:
@@ -52,27 +36,33 @@ def sessions_of(host: Host) -> list[dict[str, Any]]:
 def install(host: Host) -> None:
 
     def get_state(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "get_state")
         return ok(state=int(host.orch.state), label=host.orch.state.label, pid=os.getpid(),
                   liveupdate_number=host.orch.liveupdate_number), []
 
     def preserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        fd = os.dup(_one_fd(fds, "preserve_fd"))
+        (one,) = fields.fds_exactly(fds, 1, "preserve_fd")
+        token = fields.u64(msg, "token", None)  # RFC v2: no token means the kernel assigns one
+        fd = os.dup(one)
         try:
-            token = host.orch.preserve_fd(fd, _optional_token(msg), owner=c.peer.owner())
+            token = host.orch.preserve_fd(fd, token, owner=c.peer.owner())
         except BaseException:
             os.close(fd)
             raise
         return ok(token=token), []
 
     def unpreserve_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        host.orch.unpreserve_fd(_token(msg))
+        fields.no_fds(fds, "unpreserve_fd")
+        host.orch.unpreserve_fd(fields.u64(msg, "token"))
         return ok(), []
 
     def restore_fd(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        return ok(), [host.orch.restore_fd(_token(msg))]
+        fields.no_fds(fds, "restore_fd")
+        return ok(), [host.orch.restore_fd(fields.u64(msg, "token"))]
 
     def event(name: str):
         def run(c: Conn, msg: dict, fds: list[int]) -> Reply:
+            fields.no_fds(fds, name)
             try:
                 getattr(host.orch, name)()
             finally:
@@ -88,14 +78,17 @@ def install(host: Host) -> None:
         return fd
 
     def create_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "create_session")
         handle = host.orch.create_session(_name(msg), owner=c.peer.owner())
         return ok(name=handle.name), [session_fd(c, handle)]
 
     def retrieve_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "retrieve_session")
         handle = host.orch.retrieve_session(_name(msg))
         return ok(name=handle.name), [session_fd(c, handle)]
 
     def status(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "status")
         st = host.orch.status()
         st["pid"] = os.getpid()
         st["runtime_dir"] = str(host.runtime.root)
@@ -106,22 +99,23 @@ def install(host: Host) -> None:
         return ok(status=st), []
 
     def kho_dump(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        which = msg.get("which", "incoming")
+        fields.no_fds(fds, "kho_dump")
+        which = fields.choice(msg, "which", ("incoming", "outgoing"), "incoming")
         if which == "incoming":
             if host.incoming_blob is None:
                 raise LuoError(errno.ENODATA, "no incoming KHO tree: this host did not start from a live update")
             blob = host.incoming_blob
-        elif which == "outgoing":
+        else:
             from luo.host.tree import outgoing_blob
 
             blob = outgoing_blob(host)
-        else:
-            raise LuoError(errno.EINVAL, f"which must be incoming or outgoing, not {which!r}")
         return ok(blob=base64.b64encode(blob).decode()), []
 
     def update(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """Its fields are checked by run_update, before anything starts."""
         from luo.host.update import run_update
 
+        fields.no_fds(fds, "update")
         return ok(**run_update(host, msg)), []
 
     host.ops.update({
@@ -142,22 +136,27 @@ def install(host: Host) -> None:
 
     # -- on a session fd ---------------------------------------------------------------
     def s_preserve(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        fd = os.dup(_one_fd(fds, "preserve_fd"))
+        (one,) = fields.fds_exactly(fds, 1, "preserve_fd")
+        token = fields.u64(msg, "token")
+        fd = os.dup(one)
         try:
-            c.session.preserve_fd(fd, _token(msg))
+            c.session.preserve_fd(fd, token)
         except BaseException:
             os.close(fd)
             raise
         return ok(), []
 
     def s_retrieve(c: Conn, msg: dict, fds: list[int]) -> Reply:
-        return ok(), [c.session.retrieve_fd(_token(msg))]
+        fields.no_fds(fds, "retrieve_fd")
+        return ok(), [c.session.retrieve_fd(fields.u64(msg, "token"))]
 
     def s_finish(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "finish")
         c.session.finish()
         return ok(), []
 
     def s_status(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "status")
         name = c.session.name
         for s in sessions_of(host):
             if s.get("name") == name:

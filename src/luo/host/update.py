@@ -85,15 +85,34 @@ def _abandon_handover(host: Host, link: SuccessorLink, e: BaseException) -> None
 
 
 def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
+    """Check every field of the request, then update.
+
+    The checks come before anything changes, the successor's start included: a bad value found
+    later is found inside the update (a NaN handover timeout used to be noticed only once frozen,
+    after waiting for nothing, and then rolled back)."""
+    from luo.host import fields
+
+    timeout = fields.finite(msg, "handover_timeout", 0.0, 3600.0, 10.0)
+    start_timeout = fields.finite(msg, "start_timeout", 0.0, 3600.0, 120.0)
+    to = msg.get("to")
+    if isinstance(to, list):
+        to = fields.str_list(msg, "to", 256, 4096)
+    elif to is not None:
+        to = fields.text(msg, "to", 4096)
+    try:
+        cmd = successor_command(to)
+    except ValueError as e:  # shlex: an unbalanced quote
+        raise fields.refuse("to", f"is not a command line: {e}") from None
+    if not cmd:
+        raise fields.refuse("to", "names no command")
+    asked = fields.str_list(msg, "faults", 64, 256, [])
     orch = host.orch
     if orch.state not in (State.NORMAL, State.PREPARED):
         hint = "; run `luo finish` first" if orch.state == State.UPDATED else ""
         raise LuoError(errno.EINVAL, f"cannot update from state {orch.state.label}{hint}")
-    timeout = float(msg.get("handover_timeout", 10.0))
-    cmd = successor_command(msg.get("to"))
-    faults.set_for_update([str(f) for f in msg.get("faults") or []])
+    faults.set_for_update(asked)
     try:
-        return _update(host, msg, cmd, timeout)
+        return _update(host, {**msg, "start_timeout": start_timeout}, cmd, timeout)
     finally:
         faults.set_for_update([])
         if not host.exit_after_step:

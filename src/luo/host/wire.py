@@ -8,8 +8,12 @@ which is what an ioctl argument struct does in the kernel. A reply always carrie
 from __future__ import annotations
 
 import array
+import errno
+import itertools
 import json
+import math
 import os
+import re
 import socket
 from typing import Any
 
@@ -17,6 +21,14 @@ from luo.errors import LuoError
 
 MAX_MSG = 4 << 20
 SCM_MAX_FD = 253  # the kernel's limit of fds per SCM_RIGHTS message
+MAX_DEPTH = 32  # levels of JSON nesting a message may have; requests use three or four
+MAX_ERROR = 1000  # characters of an error sentence in a reply
+
+# A JSON string, or an unterminated one up to the end (still one match, so the scan stays linear).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_CHUNK = 1 << 16
 
 
 def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -31,30 +43,86 @@ def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[in
 
 
 def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """One message and its fds (close-on-exec), or None at EOF."""
+    """One message and its fds (close-on-exec), or None at EOF.
+
+    Whatever the peer sent, this raises only OSError (from the socket) or LuoError: EMSGSIZE for a
+    truncated message, EINVAL for anything that is not a JSON object within MAX_DEPTH levels with
+    finite numbers. The received fds are closed on every error path: the caller never sees them.
+    """
     fds = array.array("i")
     data, anc, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
                                        socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if not data and not fds:
-        return None
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise LuoError(90, "control message truncated")  # EMSGSIZE
     try:
-        msg = json.loads(data)
-    except ValueError as e:
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not data and not fds:
+            return None
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise LuoError(errno.EMSGSIZE, "control message truncated")
+        return parse(data), list(fds)
+    except BaseException:
         for fd in fds:
-            os.close(fd)
-        raise LuoError(22, f"malformed control message: {e}") from None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+
+
+def parse(data: bytes) -> dict[str, Any]:
+    """A control message's JSON object, or LuoError(EINVAL) saying why not."""
+    try:
+        text = data.decode()  # UTF-8 only: json.loads would also guess UTF-16 and UTF-32
+    except UnicodeDecodeError as e:
+        raise LuoError(errno.EINVAL, f"malformed control message: not UTF-8 ({e.reason} at byte {e.start})") from None
+    check_depth(data)
+    try:
+        msg = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except LuoError:
+        raise
+    except (ValueError, RecursionError, MemoryError) as e:  # RecursionError: cannot happen, see check_depth
+        raise LuoError(errno.EINVAL, f"malformed control message: {_short(e)}") from None
     if not isinstance(msg, dict):
-        for fd in fds:
-            os.close(fd)
-        raise LuoError(22, "malformed control message: not an object")
-    return msg, list(fds)
+        raise LuoError(errno.EINVAL, "malformed control message: not an object")
+    return msg
+
+
+def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``limit`` before parsing it.
+
+    json.loads recurses once per level: about 1,000 levels (a few KB of ``[``) raise
+    RecursionError, and more could exhaust the C stack. No request needs more than a few levels.
+    A message with at most ``limit`` brackets cannot be too deep, which is every normal request;
+    otherwise strings are removed (a bracket inside a string is text; the message is UTF-8, where
+    no byte of a multi-byte character is ASCII) and the running depth is computed in C over the
+    remaining brackets, a chunk at a time so that a deep prefix stops it early.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return
+    brackets = _STRING.sub(b"", data).translate(_DEPTH_STEP, _NOT_BRACKET)
+    depth = 0
+    for start in range(0, len(brackets), _CHUNK):
+        running = list(itertools.accumulate(memoryview(brackets[start : start + _CHUNK]).cast("b"), initial=depth))
+        if max(running) > limit:
+            raise LuoError(errno.EINVAL, f"malformed control message: nested deeper than {limit} levels")
+        depth = running[-1]
+
+
+def _no_constant(name: str) -> Any:
+    raise LuoError(errno.EINVAL, f"malformed control message: {name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise LuoError(errno.EINVAL, f"malformed control message: {_short(text)} is not a finite number")
+    return value
+
+
+def _short(x: object, n: int = 200) -> str:
+    s = str(x)
+    return s if len(s) <= n else s[:n] + "..."
 
 
 def ok(**fields: Any) -> dict[str, Any]:
@@ -62,7 +130,8 @@ def ok(**fields: Any) -> dict[str, Any]:
 
 
 def error_reply(err: LuoError) -> dict[str, Any]:
-    return {"errno": err.errno, "error": err.message}
+    """The reply for a refusal; the sentence is bounded, so a reply always fits one datagram."""
+    return {"errno": err.errno, "error": _short(err.message, MAX_ERROR)}
 
 
 def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
