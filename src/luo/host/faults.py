@@ -11,6 +11,10 @@ The update hands its faults to the processes it starts (successor host, successo
 - ``successor-exit-after-confirm``: the successor dies between its confirmation and taking over.
 - ``successor-forget=<compatible>``: the successor acts as a version that does not know that compatible.
 - ``successor-protocol=<n>``: the successor announces handover protocol n (as an older version would).
+- ``host-hold=<point>``: the outgoing host stops at ``prepared`` (the successor checked the tree),
+  ``frozen`` (before the final tree), ``handover`` (final tree sent, confirmation not read) or
+  ``confirmed`` (before telling VMMs), writes ``<runtime>/host.held`` ("<point> <pid>") and waits
+  to be killed: how the crash tests kill a host at an exact point. Never passed to children.
 - ``vmm-successor-fail-warm``: a successor VMM cannot build its VM at prepare.
 - ``vmm-successor-stall-restore``: a successor VMM writes ``<vm dir>/successor.stalled`` before restoring
   and waits, so a test can kill it during restore.
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+from pathlib import Path
 
 from luo.errors import LuoError
 
@@ -49,6 +55,20 @@ def set_for_update(names: list[str]) -> None:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    if active():
-        env["LUO_FAULTS"] = ",".join(sorted(active()))
+    inherited = {f for f in active() if not f.startswith("host-")}
+    if inherited:
+        env["LUO_FAULTS"] = ",".join(sorted(inherited))
+    else:
+        env.pop("LUO_FAULTS", None)
     return env
+
+
+def hold(point: str, runtime_root: Path) -> None:
+    """At ``host-hold=<point>``: say so in ``<runtime>/host.held`` and wait until killed."""
+    if point not in values("host-hold"):
+        return
+    from luo.host.runtime import write_atomic
+
+    write_atomic(runtime_root / "host.held", f"{point} {os.getpid()}\n")
+    while True:
+        signal.pause()

@@ -21,6 +21,8 @@ from luo.host.wire import SCM_MAX_FD, recv_msg, send_msg
 # 3: as 2, and the final tree may be "unchanged" (the prepared one stands).
 HANDOVER_PROTOCOL = 3
 OLDEST_SUPPORTED = 2
+MAX_TREE = 64 << 20  # a tree claiming more is refused before it is read
+MAX_FDS = 1 << 20
 
 F_ADD_SEALS = 1033
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
@@ -87,11 +89,16 @@ def recv_handover(ch: socket.socket, first: dict, first_fds: list[int]) -> Hando
             os.close(fd)
         raise LuoError(errno.EPROTO, "handover message must carry the tree memfd and the listening socket")
     tree, listener = first_fds
+    size, want = first.get("tree_size"), first.get("fd_count")
+    if not (isinstance(size, int) and 0 < size <= MAX_TREE and isinstance(want, int) and 0 <= want <= MAX_FDS):
+        os.close(tree)
+        os.close(listener)
+        raise LuoError(errno.EINVAL, f"handover: tree_size {size!r} must be 1..{MAX_TREE}, fd_count {want!r} "
+                       f"0..{MAX_FDS}")
     try:
-        blob = read_blob(tree, int(first["tree_size"]))
+        blob = read_blob(tree, size)
     finally:
         os.close(tree)
-    want = int(first["fd_count"])
     fds: list[int] = []
     while len(fds) < want:
         got = recv_msg(ch)
@@ -100,7 +107,7 @@ def recv_handover(ch: socket.socket, first: dict, first_fds: list[int]) -> Hando
                 os.close(fd)
             raise LuoError(errno.ECONNRESET, "the outgoing host went away in the middle of the handover")
         msg, more = got
-        if msg.get("op") != "fds" or int(msg.get("index", -1)) != len(fds):
+        if msg.get("op") != "fds" or msg.get("index") != len(fds) or len(fds) + len(more) > want:
             for fd in fds + more + [listener]:
                 os.close(fd)
             raise LuoError(errno.EPROTO, f"handover fd batch out of order: {msg}")

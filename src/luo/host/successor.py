@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import select
 import socket
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from luo.errors import LuoError
 from luo.handlers import default_handlers
 from luo.host import faults
 from luo.host.daemon import Host
-from luo.host.handover import HANDOVER_PROTOCOL, read_blob, recv_handover
+from luo.host.handover import HANDOVER_PROTOCOL, MAX_TREE, read_blob, recv_handover
 from luo.host.procname import favour_this_thread, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.sdnotify import notify
@@ -149,39 +150,93 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     inc = Incoming(runtime, handlers, known)
     announced = faults.values("successor-protocol")
     protocol = int(announced[0]) if announced else HANDOVER_PROTOCOL
-    send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known), "protocol": protocol})
-    while True:
-        got = recv_msg(ch)
-        if got is None:
-            log.info("successor %d: the outgoing host went away before the handover", os.getpid())
-            return 1
-        msg, fds = got
-        op = msg.get("op")
-        if op == "abort":
-            return 0
-        if op == "handover" and msg.get("stage") == "prepare":
+    predecessor = Watched(runtime.read_pid())
+    try:
+        send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known), "protocol": protocol})
+        while True:
             try:
-                inc.prepare(ch, msg, fds)
-                send_msg(ch, {"op": "checked"})
+                got = recv_msg(ch)
             except LuoError as e:
-                inc.release()
-                gc.enable()
                 send_msg(ch, error_reply(e))
-            continue
-        if op == "handover":
-            if msg.get("unchanged") and protocol < 3:  # what we announced we would not understand
-                send_msg(ch, error_reply(LuoError(errno.EPROTO, "an unchanged final tree needs protocol 3")))
-                inc.release()
-                return 2
-            return _take_over(ch, msg, fds, inc)
-        for fd in fds:
-            os.close(fd)
+                continue
+            if got is None:
+                return _orphaned(inc, predecessor)
+            msg, fds = got
+            op = msg.get("op")
+            if op == "abort":
+                return 0
+            if op == "handover" and msg.get("stage") == "prepare":
+                try:
+                    inc.prepare(ch, msg, fds)
+                except LuoError as e:
+                    inc.release()
+                    gc.enable()
+                    send_msg(ch, error_reply(e))
+                else:
+                    send_msg(ch, {"op": "checked"})
+                continue
+            if op == "handover":
+                if msg.get("unchanged") and protocol < 3:  # what we announced we would not understand
+                    send_msg(ch, error_reply(LuoError(errno.EPROTO, "an unchanged final tree needs protocol 3")))
+                    inc.release()
+                    return 2
+                return _take_over(ch, msg, fds, inc, predecessor)
+            for fd in fds:
+                os.close(fd)
+    except OSError:  # the channel broke under a send: the outgoing host is gone
+        return _orphaned(inc, predecessor)
 
 
-def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> int:
+class Watched:
+    """A process watched through a pidfd, so that its death is a fact, not a guess from an EOF."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid or 0
+        try:
+            self.pidfd: int | None = os.pidfd_open(self.pid) if self.pid else None
+        except OSError:
+            self.pidfd = None  # already gone
+
+    def died(self, timeout: float = 2.0) -> bool:
+        """True once it is dead; its sockets reach EOF a moment before it is reaped."""
+        if self.pidfd is None:
+            return True
+        ready, _, _ = select.select([self.pidfd], [], [], timeout)
+        return bool(ready)
+
+
+def _orphaned(inc: Incoming, predecessor: Watched) -> int:
+    """The outgoing host died in the middle of the update (no abort came: it never cancelled).
+
+    Before the prepare-time handover we hold nothing and leave: a restarted host recovers from
+    the fd store. After it we hold the prepared tree, every fd and the listening socket, and
+    preserving was refused since: take over in UPDATED from the prepared tree, as if the freeze
+    had changed nothing. VMMs whose guest was paused resume it themselves (they never got
+    ``handed_over``) and preserve it again with us.
+    """
+    if inc.host is None or not predecessor.died():
+        log.info("successor %d: the outgoing host went away before the handover", os.getpid())
+        inc.release()
+        return 1
+    log.warning("successor %d: the outgoing host (pid %d) died during the update; taking over from the "
+                "prepared tree", os.getpid(), predecessor.pid)
+    orch = inc.finalize(None)
+    notify(f"MAINPID={os.getpid()}", f"STATUS=serving after an interrupted live update #{orch.liveupdate_number}")
+    return _serve(inc, orch, {"liveupdate_number": orch.liveupdate_number, "orphaned": True,
+                              "why": f"the outgoing host pid {predecessor.pid} died during the update",
+                              "pid": os.getpid(), "time": time.time()})
+
+
+def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, predecessor: Watched) -> int:
     t0 = time.perf_counter()
     try:
-        blob = None if msg.get("unchanged") else read_blob(fds[0], int(msg["tree_size"]))
+        size = msg.get("tree_size")
+        if not msg.get("unchanged") and (len(fds) != 1 or not isinstance(size, int) or not 0 < size <= MAX_TREE):
+            send_msg(ch, error_reply(LuoError(errno.EINVAL, "the final handover needs one tree memfd and a "
+                                              f"tree_size of 1..{MAX_TREE} bytes")))
+            inc.release()
+            return 2
+        blob = None if msg.get("unchanged") else read_blob(fds[0], size)
     finally:
         for fd in fds:
             os.close(fd)
@@ -206,12 +261,20 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> i
     assert host is not None
     t_adopt = time.perf_counter()
     timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
-    send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
-    got = recv_msg(ch)
+    try:
+        send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
+        got = recv_msg(ch)
+    except (OSError, LuoError):
+        got = None
     if got is not None and got[0].get("op") == "abort":
         log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
         return 4
-    old_phases = got[0].get("phases_ms", {}) if got is not None else {}
+    if got is None and not predecessor.died():
+        log.error("successor %d: the outgoing host broke the channel but lives on; leaving it everything",
+                  os.getpid())
+        return 4
+    phases = got[0].get("phases_ms", {}) if got is not None else {}
+    old_phases = phases if isinstance(phases, dict) else {}
     if faults.enabled("successor-exit-after-confirm"):
         os._exit(9)
     # Become the service's main process before the old host exits (systemd would otherwise see
@@ -222,9 +285,21 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming) -> i
     except OSError:
         pass
     ch.close()
+    last: dict[str, Any] = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
+                            "phases_ms": old_phases, "pid": os.getpid(), "time": time.time()}
+    if got is None:
+        log.warning("successor %d: the outgoing host (pid %d) died after the final handover; taking over",
+                    os.getpid(), predecessor.pid)
+        last.update(orphaned=True, why=f"the outgoing host pid {predecessor.pid} died after the final handover")
+    return _serve(inc, orch, last)
+
+
+def _serve(inc: Incoming, orch: Orchestrator, last_update: dict[str, Any]) -> int:
+    """Serve as the host of the runtime dir, in UPDATED, until the next update hands over."""
+    host = inc.host
+    assert host is not None
     set_process_name("luod")
-    host.last_update = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
-                        "phases_ms": old_phases, "pid": os.getpid(), "time": time.time()}
+    host.last_update = last_update
     host.after_start.append(gc.enable)
     host.after_start.append(lambda: write_atomic(
         inc.runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n"))

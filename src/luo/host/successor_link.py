@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from luo.errors import LuoError
@@ -22,6 +23,7 @@ class SuccessorLink:
         self.proc = proc
         self.ch = ch
         self.hello = hello
+        self.runtime_root = Path(".")
 
     @property
     def pid(self) -> int:
@@ -41,6 +43,7 @@ class SuccessorLink:
         theirs.close()
         start_in_background(proc.pid)
         link = cls(proc, mine, {})
+        link.runtime_root = runtime.root
         try:
             link.hello = link._expect("hello", start_timeout, "start and import")
             link.check_protocol()
@@ -104,6 +107,7 @@ class SuccessorLink:
             send_final_tree(self.ch, blob)
         except OSError as e:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
+        faults.hold("handover", self.runtime_root)
         return self._expect("confirm", timeout, "confirm the handover")
 
     def acknowledge(self, phases_ms: dict[str, float]) -> None:

@@ -134,6 +134,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         prepared, fds = orch.outgoing_record()
         link.prepare(tree_for(prepared), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)))
         tl.mark("check")
+        faults.hold("prepared", host.runtime.root)
     except BaseException as e:
         link.kill()
         if orch.state == State.PREPARED:
@@ -151,6 +152,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         raise
     host.publish_state()
     tl.mark("freeze")
+    faults.hold("frozen", host.runtime.root)
     try:
         record, fds = orch.outgoing_record()
         blob: bytes | None = None  # the successor already holds the tree when freeze changed nothing
@@ -161,6 +163,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         tl.mark("tree")
         confirm = link.handover(blob, timeout)
         tl.mark("handover")
+        faults.hold("confirmed", host.runtime.root)
     except BaseException as e:
         _abandon_handover(host, link, e)
         raise

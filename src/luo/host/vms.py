@@ -26,6 +26,7 @@ from luo.host import faults, fields
 from luo.host.procname import start_in_background
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import ok, recv_msg, send_msg
+from luo.vmm.live.guest_state import read_guest_state
 
 if TYPE_CHECKING:
     from luo.host.daemon import Conn, Host, Reply
@@ -68,6 +69,12 @@ class VmSupervisor:
 
     def describe(self, v: VmEntry) -> dict[str, Any]:
         d: dict[str, Any] = {"name": v.name, "pid": v.pid, "state": v.state, "session": session_name(v.name)}
+        guest = read_guest_state(self.runtime.vm_dir(v.name))
+        if guest is not None:
+            d["guest"] = guest
+            if v.state in ("running", "exited", "handed-over") or v.state.startswith("exited"):
+                # the VMM's own word: paused during a freeze, or lost with its VMM, is never "running"
+                d["state"] = guest["state"]
         for k in ("mem", "cpus", "image", "cmdline"):
             if k in v.info:
                 d[k] = v.info[k]
@@ -90,6 +97,8 @@ class VmSupervisor:
         v = old or VmEntry(name, c.peer.pid)
         v.pid = c.peer.pid
         v.conn = c
+        if v.successor is not None and v.successor.pid == v.pid:
+            v.successor = None  # the successor VMM took the guest over: it is the VM's VMM now
         v.info = info
         v.report = report
         v.state = "running"
@@ -252,7 +261,12 @@ class VmSupervisor:
         return mine.detach()
 
     def kill_successors(self) -> None:
+        """A backstop for successors whose old VMM did not get the cancel. Not when the old VMM is
+        gone: its successor may hold the guest by then (a VMM that dies after saving hands the
+        guest to its successor), and only it can tell; it exits by itself otherwise."""
         for v in self.vms.values():
+            if v.successor is not None and v.conn is None:
+                v.successor = None
             if v.successor is not None:
                 if v.successor.poll() is None:
                     v.successor.kill()

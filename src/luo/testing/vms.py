@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from luo.testing.host import HostProcess
+from luo.testing.processes import alive, pids_of
 from luo.testing.wait import wait_for
 
 HB_MS = 100.0  # the test guest's default heartbeat period
@@ -20,3 +21,17 @@ def more_beats(host: HostProcess, name: str, n: int = 2, timeout: float = 30.0) 
     """Wait until the guest printed ``n`` more heartbeats: proof that it runs."""
     have = host.console(name).count()
     wait_for(lambda: host.console(name).count() >= have + n, timeout, f"{n} more heartbeats from {name}")
+
+
+def vmm_processes(host: HostProcess, successors_only: bool = False) -> list[int]:
+    """Live VMM processes of the host's runtime dir (``luo ... vmm run|successor``)."""
+    out = []
+    for pid in pids_of(host.root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"vmm" in argv and alive(pid) and (not successors_only or b"successor" in argv):
+            out.append(pid)
+    return out

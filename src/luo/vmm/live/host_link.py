@@ -29,7 +29,8 @@ TAKEN_TIMEOUT = 15.0
 
 
 def _while_taken(fn: Callable[[], T], what: str) -> T:
-    """Retry ``fn`` while the VM's name is still taken (EEXIST) by the VMM it replaces.
+    """Retry ``fn`` while the VM's name is still taken (EEXIST) by the VMM it replaces, or while
+    the host refuses new sessions (EBUSY) in the middle of an update.
 
     After a successor VMM resumes the guest, its predecessor exits within milliseconds and the
     host then drops the old session and registration; only in a host that survived a failed
@@ -41,9 +42,9 @@ def _while_taken(fn: Callable[[], T], what: str) -> T:
         try:
             return fn()
         except LuoError as e:
-            if e.errno != errno.EEXIST or time.monotonic() >= deadline:
-                raise
-            log.info("the VM's %s is still taken by the previous VMM (%s); retrying", what, e.message)
+            if e.errno not in (errno.EEXIST, errno.EBUSY) or time.monotonic() >= deadline:
+                raise  # EBUSY: the host is between prepare and the end of an update
+            log.info("the VM's %s is not available yet (%s); retrying", what, e.message)
         time.sleep(0.02)
 
 
@@ -86,6 +87,9 @@ class HostLink:
             return
         try:
             s.finish()
+        except LuoError as e:  # a session kept for us after a host crash is outgoing: closing drops it
+            if e.errno != errno.EINVAL:
+                raise
         finally:
             s.close()
 

@@ -12,6 +12,7 @@ import errno
 import gc
 import logging
 import os
+import select
 import socket
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from luo.host.procname import favour_this_thread, normal_weight_for_other_thread
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
+from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
 from luo.vmm.live.outgoing import RunningVmm
 from luo.vmm.live.statefile import read_state
@@ -67,20 +69,74 @@ def _adopt_session(link: HostLink, name: str, ram_fd: int, state_fd: int, report
     report["after_resume_ms"] = {"retrieve_and_preserve": _ms(time.monotonic_ns() - t0)}
 
 
+class Predecessor:
+    """The VMM we take the guest from, watched through a pidfd (its pid cannot be reused under us).
+
+    It owns the guest until it sends ``go``; the one exception is its death after ``saved``: the
+    guest's whole state is then in the preserved state memfd and no process can run it but us.
+    """
+
+    def __init__(self, pid: object) -> None:
+        self.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else 0
+        self.pidfd: int | None = None
+        if self.pid:
+            try:
+                self.pidfd = os.pidfd_open(self.pid)
+            except OSError:
+                self.pidfd = None
+
+    def died(self, timeout: float = 2.0) -> bool:
+        """True once it is dead. Its channel reaches EOF when its fds close, a moment before it is
+        reaped, hence the short wait; a predecessor that is still alive is dropping us."""
+        if self.pidfd is None:
+            return False
+        ready, _, _ = select.select([self.pidfd], [], [], timeout)
+        return bool(ready)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _recv(ch: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """The next message from the predecessor; a malformed one or a broken channel count as EOF."""
+    try:
+        got = recv_msg(ch)
+    except (LuoError, OSError):
+        return None
+    if got is not None:
+        for fd in got[1]:
+            os.close(fd)
+    return got
+
+
 def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     ch = socket.socket(fileno=channel_fd)
     got = recv_msg(ch)
     if got is None or got[0].get("op") != "warm":
         return 1
     msg, fds = got
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        send_msg(ch, {"errno": errno.EINVAL, "error": f"warm needs the RAM and state memfds, got {len(fds)} fds"})
+        return 1
     ram_fd, state_fd = fds
-    info: dict[str, Any] = msg.get("info", {})
+    info = msg.get("info", {})
+    if not isinstance(info, dict):
+        info = {}
+    predecessor = Predecessor(msg.get("pid"))
     t0 = time.perf_counter()
     try:
         if faults.enabled("vmm-successor-fail-warm"):
             raise LuoError(errno.ENOMEM, "cannot build the VM (fault injected)")
+        mem, cpus = msg.get("mem"), msg.get("cpus")
+        if not (isinstance(mem, int) and 0 < mem <= os.fstat(ram_fd).st_size and isinstance(cpus, int)
+                and 1 <= cpus <= 64):
+            raise LuoError(errno.EINVAL, f"warm: mem {mem!r} must fit the RAM memfd and cpus {cpus!r} be 1..64")
         console = FileConsoleSink(str(runtime.vm_dir(name) / "console.log"))
-        vm = Vm.create(name, int(msg["mem"]), int(msg["cpus"]), memfd=ram_fd, console=console)
+        vm = Vm.create(name, mem, cpus, memfd=ram_fd, console=console)
     except LuoError as e:
         send_msg(ch, {"errno": e.errno, "error": e.message})
         return 1
@@ -92,9 +148,9 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
 
     gc.collect()
     gc.disable()  # no collection pause until the guest runs again
-    got = recv_msg(ch)
+    got = _recv(ch)
     if got is None or got[0].get("op") != "saved":
-        vm.stop()
+        vm.stop()  # the guest never left its VMM (or its state died with it): not ours
         return 0
     saved = got[0]
     t_saved = time.monotonic_ns()
@@ -106,15 +162,26 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     vm.restore(record)
     t_restored = time.monotonic_ns()
 
-    got = recv_msg(ch)
-    if got is None or got[0].get("op") != "go":
-        vm.stop()
+    got = _recv(ch)
+    orphaned = got is None and predecessor.died()
+    if not orphaned and (got is None or got[0].get("op") != "go"):
+        vm.stop()  # aborted, or the predecessor dropped us: the guest stays there
         return 0
     t_go = time.monotonic_ns()
-    vm.start()  # the new host confirmed it holds the session: the guest's memory is safe
+    vm.start()  # "go": the new host confirmed it holds the session; orphaned: nobody else can run it
     t_resumed = time.monotonic_ns()
-    send_msg(ch, {"op": "resumed"})
+    if orphaned:
+        log.warning("vm %s: the previous VMM (pid %d) died after saving the guest; this VMM resumed it",
+                    name, predecessor.pid)
+    else:
+        try:
+            send_msg(ch, {"op": "resumed"})
+        except OSError:
+            pass
+    write_guest_state(runtime, name, "running",
+                      "taken over: its VMM died after saving it" if orphaned else "resumed after a live update")
     ch.close()
+    predecessor.close()
     gc.enable()
 
     parts = dict(saved.get("parts_ms", {}))
@@ -126,5 +193,8 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts,
               "pid": os.getpid(), "vm_timings_ms": {k: round(v, 3) for k, v in vm.timings.items()}}
     log.info("vm %s resumed by successor VMM %d: blackout %.3f ms %s", name, os.getpid(), report["blackout_ms"], parts)
+    if orphaned:  # the host never said who holds the session now: take whatever is left, preserve anew
+        report["orphaned"] = True
+        return RunningVmm(vm, link, state_fd, info).serve(report, reattach=True)
     _adopt_session(link, name, ram_fd, state_fd, report)
     return RunningVmm(vm, link, state_fd, info).serve(report)

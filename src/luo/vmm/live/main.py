@@ -35,6 +35,7 @@ def _logging(name: str) -> None:
 
 def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str | None, cmdline: str | None) -> int:
     from luo.vmm.devices.console_sink import FileConsoleSink
+    from luo.vmm.live.guest_state import write_guest_state
     from luo.vmm.live.host_link import HostLink
     from luo.vmm.live.outgoing import RunningVmm
     from luo.vmm.live.statefile import create_state_memfd
@@ -55,6 +56,7 @@ def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str 
     link = HostLink(rt, name)
     link.preserve(vm.memfd, state_fd)  # from the VM's start: nothing to preserve inside a blackout
     vm.start()
+    write_guest_state(rt, name, "running", "booted")
     info = {"mem": mem_bytes, "cpus": cpus, "image": image, "cmdline": cmdline}
     return RunningVmm(vm, link, state_fd, info).serve()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host.wire import recv_msg, send_msg
+from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
 from luo.vmm.live.statefile import write_state
 from luo.vmm.vm import Vm
@@ -28,7 +29,7 @@ from luo.vmm.vm import Vm
 log = logging.getLogger("luo.vmm")
 
 WARM_TIMEOUT = 120.0
-RESUME_TIMEOUT = 15.0
+RESUME_TIMEOUT = 5.0  # a successor VMM told to go resumes in milliseconds; past this it is hung
 
 
 def kill_and_reap(pid: int, timeout: float = 10.0) -> None:
@@ -62,12 +63,22 @@ class RunningVmm:
         self.paused_at = 0
         self.parts: dict[str, float] = {}
 
-    def serve(self, report: dict[str, Any] | None = None) -> int:
-        """Register with the host and answer its requests until the VM leaves this process."""
-        sock = self.link.register(self.info, report)
+    def serve(self, report: dict[str, Any] | None = None, *, reattach: bool = False) -> int:
+        """Register with the host and answer its requests until the VM leaves this process.
+
+        ``reattach``: the guest's session is not known to be ours yet (a successor VMM that took
+        over from a dead predecessor): drop what is left of it and preserve anew first."""
+        sock = self._reattach(report) if reattach else self.link.register(self.info, report)
         while True:
-            got = recv_msg(sock)
+            try:
+                got = recv_msg(sock)
+            except LuoError as e:  # a malformed request: refuse it, the guest runs on
+                self.link.answer_error(e)
+                continue
+            except OSError:
+                got = None
             if got is None:
+                self._host_gone()
                 sock = self._reattach()
                 continue
             msg, fds = got
@@ -86,6 +97,7 @@ class RunningVmm:
                     sock = self.link.sock
                 elif op == "stop":
                     self.vm.stop()
+                    self._report("stopped", "stopped by the operator")
                     if self.link.session is not None:
                         self.link.session.close()
                     self.link.answer({})
@@ -98,27 +110,47 @@ class RunningVmm:
                     e = LuoError(errno.EIO, f"VMM request {op!r} failed: {e}")
                 self.link.answer_error(e)
 
-    def _reattach(self) -> socket.socket:
-        """The host died outside an update: the guest keeps running here, and is preserved again
-        (its session died with the host) as soon as a host serves the runtime dir."""
-        log.warning("vm %s: the host went away outside an update; the guest runs on, waiting for a host",
-                    self.vm.name)
+    def _host_gone(self) -> None:
+        """The host died. Until this VMM sends ``go`` the guest is its own (the ownership rule in
+        docs/reliability.md), and no ``handed_over`` came, so no ``go`` was sent: kill the successor
+        VMM and wait until it is gone (two VMMs must never run one guest), then resume here."""
+        if self.successor is None and not self.successor_pid and not self.vm.paused:
+            log.warning("vm %s: the host went away outside an update; the guest runs on", self.vm.name)
+            return
+        log.warning("vm %s: the host went away during an update; the guest stays with this VMM", self.vm.name)
+        gc.enable()
+        self._drop_successor()
+        if self.vm.paused:
+            self.vm.start()
+            self._report("running", "resumed by its VMM: the host died during an update")
+            log.info("vm %s: guest resumed on this VMM", self.vm.name)
+
+    def _report(self, state: str, why: str = "") -> None:
+        write_guest_state(self.link.runtime, self.vm.name, state, why)
+
+    def _reattach(self, report: dict[str, Any] | None = None) -> socket.socket:
+        """The guest keeps running here, and is preserved again (its session died with the host)
+        as soon as a host serves the runtime dir."""
+        log.info("vm %s: waiting for a host to preserve the guest with", self.vm.name)
         while True:
             try:
                 self.link.client.close()
+                self.link.drop_stale_incoming()
                 self.link.preserve(self.vm.memfd, self.state_fd)
-                sock = self.link.register(self.info)
+                sock = self.link.register(self.info, report)
                 log.info("vm %s: preserved again and registered with the new host", self.vm.name)
                 return sock
             except LuoError as e:
-                log.warning("vm %s: no host yet (%s); still waiting", self.vm.name, e)
+                log.warning("vm %s: not preserved yet (%s); still trying", self.vm.name, e)
+                if e.errno != errno.ECONNREFUSED:  # the connect itself waits for a host to appear
+                    time.sleep(0.1)
 
     def prepare(self, fds: list[int]) -> dict[str, Any]:
         if len(fds) != 1:
             raise LuoError(errno.EINVAL, "prepare needs the channel to the successor VMM")
         t0 = time.perf_counter()
         ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
-        send_msg(ch, {"op": "warm", "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
+        send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
                       "info": self.info}, (self.vm.memfd, self.state_fd))
         ch.settimeout(WARM_TIMEOUT)
         try:
@@ -146,6 +178,7 @@ class RunningVmm:
         t2 = time.monotonic_ns()
         self.paused_at = t0
         self.parts = {"pause": _ms(t1 - t0), "save": _ms(t2 - t1)}
+        self._report("paused", "frozen for a live update")
         if self.successor is not None:
             try:  # lets the successor restore while the host hands over
                 send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts})
@@ -171,6 +204,7 @@ class RunningVmm:
         self._drop_successor()
         if self.vm.paused:
             self.vm.start()
+            self._report("running", "update cancelled")
             log.info("vm %s: update cancelled, guest resumed on this VMM", self.vm.name)
         return {}
 
@@ -196,6 +230,7 @@ class RunningVmm:
         gc.enable()
         self._drop_successor()
         self.vm.start()
+        self._report("running", f"resumed by its VMM: {why}")
         self.link.client.close()
         self.link.drop_stale_incoming()
         self.link.preserve(self.vm.memfd, self.state_fd)
