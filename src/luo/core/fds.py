@@ -17,6 +17,9 @@ class FdLedger:
     def __init__(self) -> None:
         self._held: set[int] = set()
         self._released: list[int] = []
+        self._serials: dict[int, int] = {}  # fd -> when it was taken: an fd number is reused, a serial never
+        self._next_serial = 0
+        self.changes = 0  # counts every hold, release and forget
 
     def __contains__(self, fd: int) -> bool:
         return fd in self._held
@@ -31,11 +34,20 @@ class FdLedger:
 
     def hold(self, fd: int) -> None:
         self._held.add(fd)
+        self.changes += 1
+        self._serials[fd] = self._next_serial
+        self._next_serial += 1
+
+    def serial(self, fd: int) -> int:
+        """Which holding of ``fd`` this is: tells a file from a later one that got the same number."""
+        return self._serials[fd]
 
     def release(self, fd: int) -> None:
         """The core is done with ``fd``: the host will close it."""
         self._held.discard(fd)
+        self._serials.pop(fd, None)
         self._released.append(fd)
+        self.changes += 1
 
     def release_all(self, fds: Iterable[int]) -> None:
         for fd in fds:
@@ -43,7 +55,10 @@ class FdLedger:
 
     def forget(self, fds: Iterable[int]) -> None:
         """Stop holding ``fds`` without releasing them (the caller closes them itself)."""
-        self._held.difference_update(fds)
+        for fd in fds:
+            self._held.discard(fd)
+            self._serials.pop(fd, None)
+            self.changes += 1
 
     def take_released(self) -> list[int]:
         fds, self._released = self._released, []

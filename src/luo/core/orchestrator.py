@@ -53,6 +53,7 @@ from collections.abc import Sequence
 
 from luo.core import filetable, status
 from luo.core.calls import U64_MAX, check_token, check_u64, first_failure, must_not_fail
+from luo.core.crash import CrashRecord, unclaimed_incoming
 from luo.core.fds import FdLedger
 from luo.core.filetable import OutgoingFiles, cancel_file, file_who, freeze_file, prepare_file
 from luo.core.handover import LuoRecord
@@ -334,6 +335,31 @@ class Orchestrator:
         self._handed_over = True
         log.info("handover complete: %d fds now belong to the successor", len(fds))
         return fds
+
+    def crash_record(self) -> CrashRecord:
+        """What a restarted host needs to come back as this one (see ``luo.core.crash``)."""
+        outgoing, out_fds = build_record(self.liveupdate_number, (), self._global.ordered(),
+                                         list(self._sessions.values()))
+        incoming: LuoRecord | None = None
+        in_fds: list[int] = []
+        if self._incoming is not None:
+            sessions = [(s.name, s.meta, s.retrieved, s.files.ordered())
+                        for s in self._incoming.sessions.values() if not s.gone]
+            incoming, in_fds = unclaimed_incoming(self._incoming.liveupdate_number, self._incoming.subsystems,
+                                                  self._incoming.files.ordered(), sessions)
+        return CrashRecord(self.liveupdate_number, outgoing, out_fds, incoming, in_fds)
+
+    def revision(self) -> tuple[object, ...]:
+        """A value that changes whenever ``crash_record()`` would (cheap: no record is built)."""
+        incoming: tuple[object, ...] = ()
+        if self._incoming is not None:
+            incoming = (tuple((s.name, s.retrieved, s.gone) for s in self._incoming.sessions.values()),
+                        sum(inc.retrieved for inc in self._incoming_files()))
+        return (self._state, self.liveupdate_number, self._handed_over, self._fds.changes, tuple(self._sessions),
+                incoming)
+
+    def fd_serial(self, fd: int) -> int:
+        return self._fds.serial(fd)
 
     def take_released_fds(self) -> list[int]:
         """fds the core no longer needs; the host closes them. Returns and clears the list."""

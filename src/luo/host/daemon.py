@@ -66,6 +66,9 @@ class Host:
         self.waiters: list[Waiter] = []
         self.extensions: list[Any] = []
         self.vms: Any = None  # the VmSupervisor, once installed
+        self.mirror: Any = None  # the Mirror into the fd store (luo.host.mirror), when there is one
+        self.recovered: dict[str, Any] | None = None  # what a restart after a crash took back
+        self.recovered_sessions: dict[str, Any] = {}  # outgoing sessions held for their owners since
         self.after_start: list[Callable[[], None]] = []  # work that may wait until requests are served  # e.g. the VM supervisor: status() and ops
         self.ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
         self.session_ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
@@ -132,6 +135,7 @@ class Host:
         self.runtime.write_pid(os.getpid())
         log.info("luod %d serving %s in state %s", os.getpid(), self.runtime.socket, self.orch.state.label)
         idle_work = list(self.after_start)
+        self.mirror_now()
         while not self.exit_after_step:
             timeout = 0.0 if idle_work else None
             if self.waiters:
@@ -145,6 +149,7 @@ class Host:
                 if self.exit_after_step:
                     break
             self.run_waiters()
+            self.mirror_now()  # a session closed with its connection changes what is preserved
             if idle_work:
                 idle_work.pop(0)()
 
@@ -223,7 +228,13 @@ class Host:
                 self.reply(c, error_reply(LuoError(errno.EIO, f"internal error answering: {e!r}")), [])
         self.close_released()
 
+    def mirror_now(self) -> None:
+        """Bring the fd store up to date before anyone is told a change happened."""
+        if self.mirror is not None:
+            self.mirror.sync(self.orch)
+
     def reply(self, c: Conn, reply: dict[str, Any], fds: list[int]) -> None:
+        self.mirror_now()
         try:
             send_msg(c.sock, reply, fds)
         except OSError:

@@ -52,9 +52,11 @@ class Handover:
     blob: bytes
     fds: list[int]
     listener: int
+    store_keys: list[str]
 
 
-def send_handover(ch: socket.socket, blob: bytes, fds: list[int], listener: int) -> None:
+def send_handover(ch: socket.socket, blob: bytes, fds: list[int], listener: int,
+                  store_keys: list[str] | None = None) -> None:
     """The prepare-time handover: the tree as prepared, every preserved fd, the listening socket.
 
     Preserving and unpreserving are refused from prepare on, so these fds are exactly the ones
@@ -62,8 +64,10 @@ def send_handover(ch: socket.socket, blob: bytes, fds: list[int], listener: int)
     """
     tree = blob_memfd(blob)
     try:
-        send_msg(ch, {"op": "handover", "stage": "prepare", "fd_count": len(fds), "tree_size": len(blob)},
-                 (tree, listener))
+        # store_keys: the outgoing host's keys in the fd store, which the successor replaces with
+        # its own (luo.host.mirror); a successor that does not know the field ignores it.
+        send_msg(ch, {"op": "handover", "stage": "prepare", "fd_count": len(fds), "tree_size": len(blob),
+                      "store_keys": store_keys or []}, (tree, listener))
     finally:
         os.close(tree)
     for i in range(0, len(fds), SCM_MAX_FD):
@@ -112,4 +116,7 @@ def recv_handover(ch: socket.socket, first: dict, first_fds: list[int]) -> Hando
                 os.close(fd)
             raise LuoError(errno.EPROTO, f"handover fd batch out of order: {msg}")
         fds.extend(more)
-    return Handover(blob, fds, listener)
+    keys = first.get("store_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and len(k) <= 200 for k in keys):
+        keys = []  # only a cleanup hint: never worth refusing the update for
+    return Handover(blob, fds, listener, keys)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 from luo.errors import LuoError
 from luo.host.runtime import RuntimeDir, resolve_runtime_dir
@@ -60,13 +61,48 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
     favour_this_thread()
     listener = bind_listener(rt)  # refuses before touching luod.pid when another host serves
     rt.write_pid(os.getpid())  # before the first client can connect (listen() below)
-    rt.write_state("normal")
-    orch = Orchestrator(handlers=default_handlers(), subsystems=host_subsystems(rt))
+    recovered, mirror = _from_store(rt)
+    orch = recovered.orch if recovered else Orchestrator(handlers=default_handlers(), subsystems=host_subsystems(rt))
+    rt.write_state(orch.state.label)
     host = make_host(rt, orch, listener)
+    host.mirror = mirror
+    if recovered is not None:
+        host.recovered = recovered.report
+        host.recovered_sessions = {h.name: h for h in recovered.sessions}
+    host.mirror_now()  # the store holds this host's keys before anyone can connect
     listener.listen(128)
     notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {rt.socket}")
     host.serve_forever()
     return exit_now()
+
+
+def _from_store(rt: RuntimeDir) -> tuple[Any, Any]:
+    """What the fd store holds from a host that crashed (None when it holds nothing), and the
+    mirror this host keeps in it. A store that cannot be opened leaves the host running without
+    one (said in the log and in ``luo status``); unusable metadata is refused with the fds closed."""
+    from luo.handlers import default_handlers
+    from luo.host.mirror import Mirror, recover_host
+    from luo.host.setup import host_subsystems
+    from luo.keeper.store import open_store
+
+    log = logging.getLogger("luod")
+    try:
+        store = open_store(rt.root)
+        meta, fds = store.load()
+    except LuoError as e:
+        log.error("no fd store (%s): preserved fds will not outlive a crash of this host", e)
+        return None, None
+    if meta is None:
+        for fd in fds.values():
+            os.close(fd)
+        return None, Mirror(store, stale=fds)
+    keys = list(fds)
+    try:
+        recovered = recover_host(meta, fds, default_handlers(), host_subsystems(rt))
+    except LuoError as e:
+        log.error("the fd store's record of the crashed host is unusable, starting empty: %s", e)
+        return None, Mirror(store, stale=keys)
+    return recovered, Mirror(store, stale=recovered.stale_keys)
 
 
 def exit_now() -> int:

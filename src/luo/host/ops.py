@@ -84,7 +84,11 @@ def install(host: Host) -> None:
 
     def retrieve_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fields.no_fds(fds, "retrieve_session")
-        handle = host.orch.retrieve_session(_name(msg))
+        name = _name(msg)
+        kept = host.recovered_sessions.pop(name, None)
+        if kept is not None and not kept.closed:  # an outgoing session luod held for its owner since a crash
+            return ok(name=name, recovered=True), [session_fd(c, kept)]
+        handle = host.orch.retrieve_session(name)
         return ok(name=handle.name), [session_fd(c, handle)]
 
     def status(c: Conn, msg: dict, fds: list[int]) -> Reply:
@@ -92,6 +96,12 @@ def install(host: Host) -> None:
         st = host.orch.status()
         st["pid"] = os.getpid()
         st["runtime_dir"] = str(host.runtime.root)
+        if host.mirror is not None:
+            st["fd_store"] = {"kind": host.mirror.store.kind, "keys": len(host.mirror.kept),
+                              "error": host.mirror.failed}
+        if host.recovered is not None:
+            st["recovered"] = {**host.recovered, "held_sessions": sorted(
+                n for n, h in host.recovered_sessions.items() if not h.closed)}
         for ext in host.extensions:
             st.update(ext.status())
         if host.last_update:

@@ -25,12 +25,14 @@ from luo.handlers import default_handlers
 from luo.host import faults
 from luo.host.daemon import Host
 from luo.host.handover import HANDOVER_PROTOCOL, MAX_TREE, read_blob, recv_handover
+from luo.host.mirror import Mirror
 from luo.host.procname import favour_this_thread, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.sdnotify import notify
 from luo.host.setup import host_subsystems, known_compatibles, make_host, rebind_host
 from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
+from luo.keeper.store import FdStore, open_store
 from luo.kho import parse_tree, required_compatibles
 
 log = logging.getLogger("luod")
@@ -68,6 +70,14 @@ def _warm(runtime: RuntimeDir) -> None:
         dummy.close()
 
 
+def _open_store(runtime: RuntimeDir) -> FdStore | None:
+    try:
+        return open_store(runtime.root)
+    except LuoError as e:
+        log.error("successor %d: no fd store (%s): preserved fds will not outlive a crash", os.getpid(), e)
+        return None
+
+
 def _same_shape(a: LuoRecord, b: LuoRecord) -> bool:
     """The final tree must name the same files at the same fd indices as the prepared one."""
 
@@ -91,6 +101,7 @@ class Incoming:
         self.fds: list[int] = []
         self.host: Host | None = None
         self.prepared: tuple[Orchestrator, bytes]
+        self.store = _open_store(runtime)  # connected now: the first write after the handover costs no connect
 
     def release(self) -> None:
         """Drop our copies; the outgoing host keeps its own, so nothing is released for real."""
@@ -114,6 +125,8 @@ class Incoming:
             listener.close()
             raise
         self.host = make_host(self.runtime, orch, listener, incoming_blob=h.blob)
+        if self.store is not None:
+            self.host.mirror = Mirror(self.store, stale=h.store_keys)
         self.host.orch.take_released_fds()  # fds the record does not name: ours to drop with release()
         # Built now for the common case in which freeze changes nothing (the final tree then equals
         # this one), and in any case the first run of a Python path costs milliseconds.

@@ -93,11 +93,12 @@ class SuccessorLink:
             raise LuoError(errno.EPROTO, f"successor answered {msg.get('op')!r}, expected {what!r}")
         return msg
 
-    def prepare(self, blob: bytes, fds: list[int], listener: int, timeout: float) -> None:
+    def prepare(self, blob: bytes, fds: list[int], listener: int, timeout: float,
+                store_keys: list[str] | None = None) -> None:
         """Hand over everything but the final tree while the workloads run; the successor checks
         it understands every compatible and builds its host. Nothing is frozen yet."""
         try:
-            send_handover(self.ch, blob, fds, listener)
+            send_handover(self.ch, blob, fds, listener, store_keys)
         except OSError as e:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} is gone: {e.strerror}") from None
         self._expect("checked", timeout, "check the outgoing tree")

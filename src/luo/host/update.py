@@ -132,7 +132,8 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         host.publish_state()
         tl.mark("prepare")
         prepared, fds = orch.outgoing_record()
-        link.prepare(tree_for(prepared), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)))
+        link.prepare(tree_for(prepared), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)),
+                     host.mirror.keys if host.mirror is not None else None)
         tl.mark("check")
         faults.hold("prepared", host.runtime.root)
     except BaseException as e:
