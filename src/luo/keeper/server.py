@@ -112,14 +112,20 @@ class Keeper:
     # -- the loop ------------------------------------------------------------------------
     def serve_forever(self) -> None:
         while True:
-            self.step_once(None)
+            try:
+                self.step_once(None)
+            except Exception:  # a bug in one step must not end the process that holds everything
+                log.exception("keeper step failed; serving on")
+                time.sleep(0.01)  # no hot loop if the failure repeats
 
     def step_once(self, timeout: float | None) -> None:
-        for key, events in self.sel.select(timeout):
+        for key, _ in self.sel.select(timeout):
             conn: Conn | None = key.data
             if conn is None:
                 self.accept()
-            elif events & selectors.EVENT_WRITE:
+            elif conn.dead:
+                continue  # dropped earlier in this batch of events
+            elif conn.outq:  # registered for writing only while replies wait
                 self.flush(conn)
             else:
                 self.serve(conn)
@@ -127,7 +133,10 @@ class Keeper:
     def accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
-        except OSError:  # EAGAIN, or a connection reset before we got to it
+        except OSError as e:  # EAGAIN, or a connection reset before we got to it
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                log.warning("cannot accept a connection: %s", e.strerror)
+                time.sleep(0.05)  # the listener stays readable: do not spin until an fd is free
             return
         sock.setblocking(False)
         try:
@@ -193,7 +202,16 @@ class Keeper:
             except OSError:
                 self.drop_conn(conn)
                 return
-        conn.outq.append((reply, [os.dup(fd) for fd in fds]))
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except OSError as e:  # out of fds: this client loses its connection, nobody loses an fd
+            log.warning("pid %d: cannot queue a reply (%s); closing its connection", conn.pid, e.strerror)
+            _close(dups)
+            self.drop_conn(conn)
+            return
+        conn.outq.append((reply, dups))
 
     def flush(self, conn: Conn) -> None:
         while conn.outq:
