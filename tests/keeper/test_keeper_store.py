@@ -269,3 +269,12 @@ def test_open_store_honours_luo_fdstore(runtime: Path, monkeypatch: pytest.Monke
     store = open_store(runtime)
     assert store.kind == "systemd"
     store.close()
+
+
+def test_relative_runtime_dir(runtime: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keeper runs in /, so it is given the absolute path (which kill_all also finds it by)."""
+    monkeypatch.chdir(runtime.parent)
+    with KeeperStore(Path(runtime.name)) as store:
+        assert store.root == runtime
+        assert (runtime / "keeper").is_socket()
+        assert keeper_pids(runtime) == [store.pid]

@@ -82,6 +82,7 @@ def connect_keeper(root: Path, timeout: float = 10.0, start: bool = True) -> soc
     serve; the other exits 0 and its starter connects to the winner). A started keeper that exits
     with an error ends the wait at once, with the tail of keeper.log.
     """
+    root = root.absolute()  # the keeper runs in /, and kill_all finds it by this path
     path = root / SOCKET_NAME
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise LuoError(errno.ENAMETOOLONG, f"{path}: too long for a unix socket (at most {MAX_SOCKET_PATH} bytes)")
@@ -120,7 +121,7 @@ class KeeperStore:
     kind = "keeper"
 
     def __init__(self, runtime_root: Path, *, timeout: float = 10.0, start: bool = True) -> None:
-        self.root = Path(runtime_root)
+        self.root = Path(runtime_root).absolute()
         self.timeout = timeout
         self.start = start
         self.on_lost: Callable[[], None] | None = None
@@ -260,14 +261,16 @@ class KeeperStore:
             meta_size = head.get("meta_size")
             meta: bytes | None = None
             if meta_size is not None:
-                if len(head_fds) != 1:
-                    raise LuoError(errno.EPROTO, f"keeper load reply carries {len(head_fds)} fds, not the meta memfd")
-                meta = read_blob(head_fds[0], int(meta_size))
-                if len(meta) != int(meta_size):
+                if len(head_fds) != 1 or not isinstance(meta_size, int):
+                    raise LuoError(errno.EPROTO, f"keeper load reply: {len(head_fds)} fds, meta_size {meta_size!r}")
+                meta = read_blob(head_fds[0], meta_size)
+                if len(meta) != meta_size:
                     raise LuoError(errno.EPROTO, f"keeper meta memfd holds {len(meta)} bytes, not {meta_size}")
             elif head_fds:
                 raise LuoError(errno.EPROTO, "keeper load reply carries fds but no metadata")
-            count = int(head["count"])
+            count = head.get("count")
+            if not isinstance(count, int):
+                raise LuoError(errno.EPROTO, f"keeper load reply: count {count!r}")
             while len(out) < count:
                 got = self._recv()
                 if got is None:
@@ -277,12 +280,10 @@ class KeeperStore:
                 if (msg.get("op") != "fds" or msg.get("index") != len(out) or not isinstance(keys, list)
                         or len(keys) != len(fds) or not fds):
                     _close(fds)
-                    self._disconnect()  # the rest of this load would be read as replies to later calls
                     raise LuoError(errno.EPROTO, f"keeper load batch out of order at {len(out)} of {count}")
                 for i, (key, fd) in enumerate(zip(keys, fds, strict=True)):
                     if not isinstance(key, str) or key in out:
                         _close(fds[i:])
-                        self._disconnect()
                         raise LuoError(errno.EPROTO, f"keeper load names {key!r} twice or badly")
                     out[key] = fd
             complete = True
@@ -291,6 +292,7 @@ class KeeperStore:
             _close(head_fds)
             if not complete:
                 _close(list(out.values()))
+                self._disconnect()  # the rest of this load must not be read as replies to later calls
 
     def ping(self) -> dict[str, Any]:
         """The keeper's pid, instance, protocol, count of held fds and meta size."""
