@@ -17,7 +17,12 @@ socket file must be unlinked before binding, and without the lock the second sta
 the first one's fresh socket). A keeper that finds the lock taken, or the socket answering, exits
 0: one already runs.
 
-Protocol (JSON per datagram, as luo.host.wire, at most 64 KiB: luo.keeper.proto; every reply has ``errno``, 0 for success):
+Sockets are non-blocking: a reply the client's socket has no room for waits in that connection's
+queue (holding dups of its fds) and the connection is not read until it drains, so a client that
+stops reading stalls only itself, never the keeper.
+
+Protocol (one JSON object per datagram as in luo.host.wire, at most 64 KiB, see luo.keeper.proto;
+every reply has ``errno``, 0 for success):
 
 - ``{"op": "put", "key": K}`` + 1 fd, or ``{"op": "put", "keys": [K...]}`` + as many fds (<= 253):
   store, replacing. All or nothing.
