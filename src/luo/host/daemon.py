@@ -12,6 +12,7 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from luo.host.runtime import RuntimeDir
 from luo.host.wire import error_reply, recv_msg, send_msg
 
 log = logging.getLogger("luod")
+
+SEND_TIMEOUT = 2  # seconds
 
 Reply = tuple[dict[str, Any], list[int]]
 DEFERRED: Reply = ({"deferred": True}, [])  # the op answers later, through Host.defer
@@ -91,6 +94,9 @@ class Host:
 
     def add_conn(self, sock: socket.socket, peer: Peer, **kw: Any) -> Conn:
         sock.setblocking(True)
+        # a peer that never reads its replies must not block the host in send(): give up on the
+        # reply after SEND_TIMEOUT (the request was handled; only its answer is lost)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
         c = Conn(sock, peer, **kw)
         self.conns[sock.fileno()] = c
         self.sel.register(sock, selectors.EVENT_READ, c)
@@ -181,6 +187,9 @@ class Host:
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE/ENFILE: out of fds. Refuse this one, keep everything else
+            log.error("cannot accept a connection: %s", e.strerror)
             return
         self.add_conn(sock, Peer.of(sock))
 

@@ -15,6 +15,12 @@ The update hands its faults to the processes it starts (successor host, successo
   ``frozen`` (before the final tree), ``handover`` (final tree sent, confirmation not read) or
   ``confirmed`` (before telling VMMs), writes ``<runtime>/host.held`` ("<point> <pid>") and waits
   to be killed: how the crash tests kill a host at an exact point. Never passed to children.
+- ``fault=<participant>:<event>:<kind>``: the fault matrix (docs/reliability.md). participant is
+  ``handler`` (the probe file handler, luo.testing.probe), ``subsystem`` (a probe subsystem),
+  ``vmm`` (the running VMM, the vmm subsystem's participant), ``successor`` (the successor host) or
+  ``vmm-successor``; event is ``prepare``, ``freeze``, ``handover``, ``finish`` or ``cancel``; kind
+  is ``error`` (fails with EIO), ``crash`` (SIGKILL of its own process) or ``hang`` (never returns:
+  whoever waits on it must give up at its timeout, ``LUO_PARTICIPANT_TIMEOUT``).
 - ``vmm-successor-fail-warm``: a successor VMM cannot build its VM at prepare.
 - ``vmm-successor-stall-restore``: a successor VMM writes ``<vm dir>/successor.stalled`` before restoring
   and waits, so a test can kill it during restore.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 from luo.errors import LuoError
@@ -72,3 +79,35 @@ def hold(point: str, runtime_root: Path) -> None:
     write_atomic(runtime_root / "host.held", f"{point} {os.getpid()}\n")
     while True:
         signal.pause()
+
+
+KINDS = ("error", "crash", "hang")
+
+
+def point(participant: str, event: str) -> None:
+    """The fault point of ``participant`` at ``event``: acts if ``fault=participant:event:kind`` is on."""
+    for spec in values("fault"):
+        p, _, rest = spec.partition(":")
+        e, _, kind = rest.partition(":")
+        if p != participant or e != event:
+            continue
+        if kind == "error":
+            raise LuoError(errno.EIO, f"{participant} fails {event} (fault injected)")
+        if kind == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            while True:  # only a timeout (an exception from a signal handler) or a kill ends this
+                time.sleep(3600)
+
+
+DEFAULT_PARTICIPANT_TIMEOUT = 30.0
+
+
+def participant_timeout(default: float = DEFAULT_PARTICIPANT_TIMEOUT) -> float:
+    """How long anyone waits on a participant (a callback, a VMM, a successor) before giving up:
+    ``default`` unless ``LUO_PARTICIPANT_TIMEOUT`` (seconds) is lower."""
+    try:
+        cap = float(os.environ.get("LUO_PARTICIPANT_TIMEOUT", "inf"))
+    except ValueError:
+        cap = float("inf")
+    return min(default, cap) if cap > 0 else default

@@ -37,6 +37,15 @@ def bind_listener(rt: RuntimeDir) -> socket.socket:
     return s
 
 
+def raise_fd_limit() -> None:
+    """Every preserved fd and every client is an fd of luod: take the hard limit, not the default 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("LUO_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s luod[{os.getpid()}] %(levelname)s %(message)s")
@@ -52,17 +61,17 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
 
         return run_successor(successor_fd, rt)
     from luo.core.orchestrator import Orchestrator
-    from luo.handlers import default_handlers
     from luo.host.procname import favour_this_thread, set_process_name
     from luo.host.sdnotify import notify
-    from luo.host.setup import host_subsystems, make_host
+    from luo.host.setup import host_handlers, host_subsystems, make_host
 
     set_process_name("luod")
     favour_this_thread()
+    raise_fd_limit()
     listener = bind_listener(rt)  # refuses before touching luod.pid when another host serves
     rt.write_pid(os.getpid())  # before the first client can connect (listen() below)
     recovered, mirror = _from_store(rt)
-    orch = recovered.orch if recovered else Orchestrator(handlers=default_handlers(), subsystems=host_subsystems(rt))
+    orch = recovered.orch if recovered else Orchestrator(handlers=host_handlers(), subsystems=host_subsystems(rt))
     rt.write_state(orch.state.label)
     host = make_host(rt, orch, listener)
     host.mirror = mirror
@@ -80,9 +89,8 @@ def _from_store(rt: RuntimeDir) -> tuple[Any, Any]:
     """What the fd store holds from a host that crashed (None when it holds nothing), and the
     mirror this host keeps in it. A store that cannot be opened leaves the host running without
     one (said in the log and in ``luo status``); unusable metadata is refused with the fds closed."""
-    from luo.handlers import default_handlers
     from luo.host.mirror import Mirror, recover_host
-    from luo.host.setup import host_subsystems
+    from luo.host.setup import host_handlers, host_subsystems
     from luo.keeper.store import open_store
 
     log = logging.getLogger("luod")
@@ -98,7 +106,7 @@ def _from_store(rt: RuntimeDir) -> tuple[Any, Any]:
         return None, Mirror(store, stale=fds)
     keys = list(fds)
     try:
-        recovered = recover_host(meta, fds, default_handlers(), host_subsystems(rt))
+        recovered = recover_host(meta, fds, host_handlers(), host_subsystems(rt))
     except LuoError as e:
         log.error("the fd store's record of the crashed host is unusable, starting empty: %s", e)
         return None, Mirror(store, stale=keys)

@@ -56,6 +56,12 @@ class Mirror:
         self.revision: Any = None
         self.meta: bytes | None = None
         self.failed: str | None = None  # the last error, for luo status
+        self.lost = False  # the store lost what it held (a keeper died and a new one started)
+        if hasattr(store, "on_lost"):
+            store.on_lost = self._on_lost
+
+    def _on_lost(self) -> None:
+        self.lost = True
 
     @property
     def keys(self) -> list[str]:
@@ -70,7 +76,13 @@ class Mirror:
         if revision == self.revision and not self.stale and self.failed is None:
             return
         try:
-            self._write(orch)
+            for _ in range(3):
+                if self.lost:  # write everything again: the new store holds nothing of ours
+                    log.warning("fd store (%s) was replaced: mirroring everything again", self.store.kind)
+                    self.kept, self.meta, self.lost = {}, None, False
+                self._write(orch)
+                if not self.lost:
+                    break
         except (LuoError, OSError) as e:
             self.failed = f"{e}"
             log.error("fd store (%s): cannot mirror the preserved state: %s", self.store.kind, e)

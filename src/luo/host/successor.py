@@ -21,15 +21,14 @@ from typing import Any
 from luo.core.handover import LuoRecord
 from luo.core.orchestrator import Orchestrator
 from luo.errors import LuoError
-from luo.handlers import default_handlers
 from luo.host import faults
 from luo.host.daemon import Host
 from luo.host.handover import HANDOVER_PROTOCOL, MAX_TREE, read_blob, recv_handover
 from luo.host.mirror import Mirror
-from luo.host.procname import favour_this_thread, set_process_name
+from luo.host.procname import favour_this_thread, leave_background, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.sdnotify import notify
-from luo.host.setup import host_subsystems, known_compatibles, make_host, rebind_host
+from luo.host.setup import host_handlers, host_subsystems, known_compatibles, make_host, rebind_host
 from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.keeper.store import FdStore, open_store
@@ -40,7 +39,7 @@ log = logging.getLogger("luod")
 
 def _handlers() -> list:
     forgotten = set(faults.values("successor-forget"))
-    return [h for h in default_handlers() if h.compatible not in forgotten]
+    return [h for h in host_handlers() if h.compatible not in forgotten]
 
 
 def _check(blob: bytes, known: set[str], fd_count: int | None = None) -> Any:
@@ -116,6 +115,12 @@ class Incoming:
         """Everything but the final tree arrives at prepare: check it and build the host now."""
         h = recv_handover(ch, msg, fds)
         self.release()
+        try:
+            faults.point("successor", "prepare")
+        except LuoError:
+            for fd in [*h.fds, h.listener]:
+                os.close(fd)
+            raise
         self.fds = h.fds
         listener = socket.socket(fileno=h.listener)
         try:
@@ -155,9 +160,13 @@ class Incoming:
 
 def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     set_process_name("luod-next")
+    from luo.host.main import raise_fd_limit
+
+    raise_fd_limit()
     ch = socket.socket(fileno=channel_fd)
     _warm(runtime)
-    favour_this_thread()  # after the heavy start-up, which must not starve the guests' vCPUs
+    leave_background()  # after the heavy start-up, which must not starve the guests' vCPUs
+    favour_this_thread()
     handlers = _handlers()
     known = known_compatibles(handlers)
     inc = Incoming(runtime, handlers, known)
@@ -177,6 +186,10 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
             msg, fds = got
             op = msg.get("op")
             if op == "abort":
+                try:
+                    faults.point("successor", "cancel")
+                except LuoError:
+                    pass
                 return 0
             if op == "handover" and msg.get("stage") == "prepare":
                 try:
@@ -259,6 +272,7 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, pred
         recv_msg(ch)  # waits until killed or the old host gives up
         return 3
     try:
+        faults.point("successor", "handover")
         orch = inc.finalize(blob)
     except LuoError as e:
         log.error("successor %d refuses the handover: %s", os.getpid(), e)

@@ -70,6 +70,7 @@ class SuccessorLink:
         return self.protocol >= 3
 
     def _expect(self, what: str, timeout: float, doing: str) -> dict[str, Any]:
+        timeout = faults.participant_timeout(timeout)
         self.ch.settimeout(timeout)
         try:
             got = recv_msg(self.ch)

@@ -59,7 +59,7 @@ class VmSupervisor:
         self.runtime: RuntimeDir = host.runtime
         self.vms: dict[str, VmEntry] = {}
         self.successor_cmd: list[str] = [sys.executable, "-m", "luo"]
-        self.request_timeout = 120.0
+        self.request_timeout = faults.participant_timeout(120.0)
         incoming = [s for s in _incoming_session_names(host) if s.startswith(SESSION_PREFIX)]
         self.expected = {s[len(SESSION_PREFIX):] for s in incoming}
 
@@ -330,7 +330,7 @@ class VmmSubsystem(Subsystem):
 
     def freeze(self, data: int) -> int:
         try:
-            answers = self.sup._ask(self.prepared, {"op": "freeze"}, 10.0)
+            answers = self.sup._ask(self.prepared, {"op": "freeze"}, faults.participant_timeout(10.0))
         except LuoError as e:
             self._cancel(self.prepared)
             self.sup.kill_successors()
@@ -342,7 +342,7 @@ class VmmSubsystem(Subsystem):
 
     def _cancel(self, vms: list[VmEntry]) -> None:
         try:
-            self.sup._ask(vms, {"op": "cancel"}, 30.0)
+            self.sup._ask(vms, {"op": "cancel"}, faults.participant_timeout(30.0))
         except LuoError as e:
             log.error("cancel: %s", e)
 
@@ -352,7 +352,7 @@ class VmmSubsystem(Subsystem):
         self.prepared, self.frozen = [], []
 
     def finish(self, data: int) -> None:
-        pass
+        faults.point("vmm", "finish")
 
 
 def _incoming_session_names(host: Host) -> list[str]:

@@ -14,8 +14,10 @@ import errno
 import os
 from pathlib import Path
 
-from luo.core.participants import Subsystem
+from luo.core.participants import FileHandler, IncomingFile, PreservedFile, Subsystem
 from luo.errors import LuoError
+from luo.handlers.memfd import MemfdHandler, memfd_name
+from luo.host import faults
 
 
 class ProbeSubsystem(Subsystem):
@@ -27,6 +29,7 @@ class ProbeSubsystem(Subsystem):
     def _record(self, event: str) -> None:
         with open(self.log, "a") as f:
             f.write(f"{self.name} {event}\n")
+        faults.point("subsystem", event)
         if f"hold-{event}" in self.fail_at:
             fifo = self.log.with_name(f"{self.name}.hold")
             if not fifo.exists():
@@ -58,3 +61,34 @@ def probes_from_env(runtime_root: Path) -> list[Subsystem]:
         name, _, fails = item.partition(":")
         out.append(ProbeSubsystem(f"probe-{name}", runtime_root / "probes.log", set(filter(None, fails.split("+")))))
     return out
+
+
+PROBE_MEMFD_PREFIX = "luo-probe"
+
+
+class ProbeMemfdHandler(MemfdHandler):
+    """memfd-v1's behaviour under its own compatible, for memfds named ``luo-probe*``, with a fault
+    point (``fault=handler:<event>:<kind>``) at each event: the file handler of the fault matrix."""
+
+    compatible = "probe-memfd-v1"
+
+    def can_preserve(self, fd: int) -> bool:
+        return super().can_preserve(fd) and memfd_name(fd).startswith(PROBE_MEMFD_PREFIX)
+
+    def prepare(self, pf: PreservedFile) -> int:
+        faults.point("handler", "prepare")
+        return super().prepare(pf)
+
+    def freeze(self, pf: PreservedFile) -> int:
+        faults.point("handler", "freeze")
+        return super().freeze(pf)
+
+    def cancel(self, pf: PreservedFile) -> None:
+        faults.point("handler", "cancel")
+
+    def finish(self, inc: IncomingFile, reclaimed: bool) -> None:
+        faults.point("handler", "finish")
+
+
+def probe_handlers_from_env() -> list[FileHandler]:
+    return [ProbeMemfdHandler()] if os.environ.get("LUO_PROBE_HANDLER") == "1" else []

@@ -19,7 +19,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host import faults
-from luo.host.procname import favour_this_thread, normal_weight_for_other_threads
+from luo.host.procname import favour_this_thread, leave_background
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
@@ -57,6 +57,10 @@ def _adopt_session(link: HostLink, name: str, ram_fd: int, state_fd: int, report
         same = _same_file(ram2, ram_fd) and _same_file(state2, state_fd)
         os.close(ram2)
         os.close(state2)
+        try:
+            faults.point("vmm-successor", "finish")
+        except LuoError as e:
+            report["session_error"] = str(e)
         if not same:
             log.error("vm %s: the new host's session holds other memfds than the ones handed to us", name)
             report["session_error"] = "the session held other memfds"
@@ -97,6 +101,14 @@ class Predecessor:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+def _cancelled() -> None:
+    """The fault point of an abort: whatever happens here, the predecessor keeps the guest."""
+    try:
+        faults.point("vmm-successor", "cancel")
+    except LuoError:
+        pass
 
 
 def _recv(ch: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
@@ -140,9 +152,15 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     except LuoError as e:
         send_msg(ch, {"errno": e.errno, "error": e.message})
         return 1
-    normal_weight_for_other_threads()  # the vCPU threads Vm.create started while we warmed up
+    leave_background()  # warm: this process and the vCPU threads Vm.create started back to normal
     favour_this_thread()
     link = HostLink(runtime, name)
+    try:
+        faults.point("vmm-successor", "prepare")
+    except LuoError as e:
+        send_msg(ch, {"errno": e.errno, "error": e.message})
+        vm.stop()
+        return 1
     send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(),
                   "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
 
@@ -150,10 +168,17 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     gc.disable()  # no collection pause until the guest runs again
     got = _recv(ch)
     if got is None or got[0].get("op") != "saved":
+        _cancelled()
         vm.stop()  # the guest never left its VMM (or its state died with it): not ours
         return 0
     saved = got[0]
     t_saved = time.monotonic_ns()
+    try:
+        faults.point("vmm-successor", "freeze")  # between the predecessor's save and our restore
+    except LuoError as e:
+        log.error("vm %s: cannot restore the guest: %s; leaving it to the previous VMM", name, e)
+        vm.stop()
+        return 1
     record, paused_at = read_state(state_fd)
     if faults.enabled("vmm-successor-stall-restore"):
         write_atomic(runtime.vm_dir(name) / "successor.stalled", f"{os.getpid()}\n")
@@ -165,8 +190,15 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     got = _recv(ch)
     orphaned = got is None and predecessor.died()
     if not orphaned and (got is None or got[0].get("op") != "go"):
+        _cancelled()
         vm.stop()  # aborted, or the predecessor dropped us: the guest stays there
         return 0
+    try:
+        faults.point("vmm-successor", "handover")
+    except LuoError as e:  # the predecessor still waits for "resumed": without it, it resumes the guest
+        log.error("vm %s: cannot resume the guest: %s", name, e)
+        vm.stop()
+        return 1
     t_go = time.monotonic_ns()
     vm.start()  # "go": the new host confirmed it holds the session; orphaned: nobody else can run it
     t_resumed = time.monotonic_ns()

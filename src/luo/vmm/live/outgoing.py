@@ -16,10 +16,14 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
 from luo.errors import LuoError
+from luo.host import faults
+from luo.host.faults import participant_timeout
+from luo.host.procname import start_in_background
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
@@ -28,8 +32,8 @@ from luo.vmm.vm import Vm
 
 log = logging.getLogger("luo.vmm")
 
-WARM_TIMEOUT = 120.0
-RESUME_TIMEOUT = 5.0  # a successor VMM told to go resumes in milliseconds; past this it is hung
+WARM_TIMEOUT = participant_timeout(120.0)
+RESUME_TIMEOUT = participant_timeout(5.0)  # a successor VMM told to go resumes in milliseconds; past this it is hung
 
 
 def kill_and_reap(pid: int, timeout: float = 10.0) -> None:
@@ -62,6 +66,10 @@ class RunningVmm:
         self.successor_pid = 0
         self.paused_at = 0
         self.parts: dict[str, float] = {}
+        self.owner_lock = threading.Lock()  # "go" and a rescue decide the guest's owner under it
+        self.went = False  # "go" was sent: the successor VMM owns the guest
+        self.rescued = False
+        self.watchdog_s = participant_timeout(WARM_TIMEOUT + 30.0)
 
     def serve(self, report: dict[str, Any] | None = None, *, reattach: bool = False) -> int:
         """Register with the host and answer its requests until the VM leaves this process.
@@ -83,6 +91,10 @@ class RunningVmm:
                 continue
             msg, fds = got
             op = msg.get("op")
+            watchdog = threading.Timer(self.watchdog_s, self._rescue, (f"request {op!r} did not finish within "
+                                                                      f"{self.watchdog_s:g} s",))
+            watchdog.daemon = True
+            watchdog.start()
             try:
                 if op == "prepare":
                     self.link.answer(self.prepare(fds))
@@ -109,6 +121,23 @@ class RunningVmm:
                     log.exception("vm %s: request %r failed", self.vm.name, op)
                     e = LuoError(errno.EIO, f"VMM request {op!r} failed: {e}")
                 self.link.answer_error(e)
+            finally:
+                watchdog.cancel()
+
+    def _rescue(self, why: str) -> None:
+        """The watchdog: this VMM's control thread is stuck in a request. The guest is still ours
+        (no "go" was sent, and the successor VMM only takes a guest on "go" or at our death), so
+        make sure no successor runs and let the guest run again here. The control thread stays
+        stuck (the host times it out); the guest does not wait for it."""
+        with self.owner_lock:
+            if self.went or self.rescued:
+                return
+            self.rescued = True
+            log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
+            self._drop_successor()
+            if self.vm.paused:
+                self.vm.start()
+                self._report("running", f"resumed by its VMM's watchdog: {why}")
 
     def _host_gone(self) -> None:
         """The host died. Until this VMM sends ``go`` the guest is its own (the ownership rule in
@@ -148,6 +177,8 @@ class RunningVmm:
     def prepare(self, fds: list[int]) -> dict[str, Any]:
         if len(fds) != 1:
             raise LuoError(errno.EINVAL, "prepare needs the channel to the successor VMM")
+        faults.point("vmm", "prepare")
+        self.went = self.rescued = False
         t0 = time.perf_counter()
         ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
         send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
@@ -179,6 +210,7 @@ class RunningVmm:
         self.paused_at = t0
         self.parts = {"pause": _ms(t1 - t0), "save": _ms(t2 - t1)}
         self._report("paused", "frozen for a live update")
+        faults.point("vmm", "freeze")  # paused and saved: the state the successor can take over
         if self.successor is not None:
             try:  # lets the successor restore while the host hands over
                 send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts})
@@ -206,13 +238,22 @@ class RunningVmm:
             self.vm.start()
             self._report("running", "update cancelled")
             log.info("vm %s: update cancelled, guest resumed on this VMM", self.vm.name)
+        faults.point("vmm", "cancel")  # after the rollback's own work
         return {}
 
     def handed_over(self) -> bool:
         """True when the successor runs the guest (this process then exits)."""
+        try:
+            faults.point("vmm", "handover")
+        except LuoError as e:
+            return self._fallback(str(e))
         ch = self.successor
         if ch is None:
             return self._fallback("no successor VMM was warmed")
+        with self.owner_lock:
+            if self.rescued:
+                return self._fallback("the watchdog resumed the guest here")
+            self.went = True
         try:
             send_msg(ch, {"op": "go"})
             ch.settimeout(RESUME_TIMEOUT)
@@ -221,6 +262,7 @@ class RunningVmm:
             got = None
         if got is not None and got[0].get("op") == "resumed":
             log.info("vm %s: successor VMM runs the guest; this VMM exits", self.vm.name)
+            start_in_background(os.getpid())  # the teardown must not compete with the resumed guest
             self.vm.stop()
             return True
         return self._fallback("the successor VMM died or did not resume the guest in time")
@@ -229,6 +271,7 @@ class RunningVmm:
         log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
         gc.enable()
         self._drop_successor()
+        self.went = False
         self.vm.start()
         self._report("running", f"resumed by its VMM: {why}")
         self.link.client.close()
