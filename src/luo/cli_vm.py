@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from luo.errors import LuoError
+from luo.host.status_text import guest_state
 
 
 def _client(args: argparse.Namespace):  # noqa: ANN202
@@ -33,7 +34,8 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
         print(json.dumps(reply["vms"], indent=2))
         return 0
     for vm in reply["vms"]:
-        print(f"{vm['name']:16} {vm['state']:10} pid {vm['pid']:<8} mem {vm.get('mem', '?')} cpus {vm.get('cpus', '?')}")
+        print(f"{vm['name']:16} {guest_state(vm):14} pid {vm['pid']:<8} mem {vm.get('mem', '?')} "
+              f"cpus {vm.get('cpus', '?')}")
     return 0
 
 

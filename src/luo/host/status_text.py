@@ -17,6 +17,14 @@ def _flags(d: dict[str, Any], skip: set[str]) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items() if k not in skip and v not in (None, False, ""))
 
 
+def guest_state(vm: dict[str, Any]) -> str:
+    """``running 12.3s`` / ``paused 0.4s`` / ``lost``: the VMM's own word and for how long."""
+    g = vm.get("guest")
+    if not isinstance(g, dict):
+        return str(vm.get("state"))
+    return f"{vm.get('state')} {g.get('for_s', 0):.1f}s" if vm.get("state") != "lost" else "lost"
+
+
 def format_status(st: dict[str, Any]) -> str:
     out = [f"state: {st.get('state')}   liveupdate-number: {st.get('liveupdate_number')}   "
            f"host pid: {st.get('pid')}   runtime: {st.get('runtime_dir')}"]
@@ -39,6 +47,17 @@ def format_status(st: dict[str, Any]) -> str:
     if vms:
         out.append(f"vms ({len(vms)}):")
         for vm in vms:
-            out.append(f"  {vm['name']:<12} {vm['state']:<10} VMM pid {vm['pid']:<7} session {vm['session']}  "
-                       f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}")
+            why = (vm.get("guest") or {}).get("why")
+            out.append(f"  {vm['name']:<12} {guest_state(vm):<14} VMM pid {vm['pid']:<7} session {vm['session']}  "
+                       f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}"
+                       + (f"  ({why})" if why else ""))
+    fs = st.get("fd_store")
+    if isinstance(fs, dict):
+        out.append(f"fd store: {fs.get('kind')}, {fs.get('keys')} fds mirrored"
+                   + (f", ERROR: {fs['error']}" if fs.get("error") else ""))
+    rec = st.get("recovered")
+    if isinstance(rec, dict):
+        out.append(f"recovered after a crash of pid {rec.get('crashed_pid')} (in {rec.get('crashed_state')}): "
+                   f"{rec.get('fds')} fds, sessions {rec.get('sessions')}; held for their owners: "
+                   f"{rec.get('held_sessions')}")
     return "\n".join(out)
