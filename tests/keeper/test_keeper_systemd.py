@@ -4,12 +4,10 @@ starts a service with a non-empty fd store (fds from 3, LISTEN_PID set to the ch
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,53 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from keeper_helpers import content_of
+from keeper_helpers import WRAPPER, FakeSystemd, content_of
 
 from luo.errors import LuoError
 from luo.keeper import open_store
 from luo.keeper.systemd import SystemdStore, notify_address, passed_fds
 
 F_GET_SEALS = 1034
-
-
-class FakeSystemd:
-    """The manager's side of $NOTIFY_SOCKET, with its fd store semantics: FDSTORE=1 adds fds under
-    FDNAME (a name may hold several), FDSTOREREMOVE=1 removes every fd of a name."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(address)
-        self.sock.settimeout(5)
-        self.store: list[tuple[str, int]] = []
-
-    def recv(self) -> tuple[str, list[int]]:
-        fds = array.array("i")
-        data, anc, flags, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4), socket.MSG_CMSG_CLOEXEC)
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-        return data.decode(), list(fds)
-
-    def apply(self, n: int) -> list[tuple[str, list[int]]]:
-        """Receive ``n`` datagrams and do what systemd does with them; return them as received."""
-        got = []
-        for _ in range(n):
-            text, fds = self.recv()
-            got.append((text, fds))
-            fields = dict(line.split("=", 1) for line in text.split("\n"))
-            if fields.get("FDSTOREREMOVE") == "1":
-                for name, fd in [e for e in self.store if e[0] == fields["FDNAME"]]:
-                    os.close(fd)
-                    self.store.remove((name, fd))
-            elif fields.get("FDSTORE") == "1":
-                self.store.extend((fields.get("FDNAME", "stored"), os.dup(fd)) for fd in fds)
-        return got
-
-    def close(self) -> None:
-        self.sock.close()
-        for _, fd in self.store:
-            os.close(fd)
 
 
 @pytest.fixture
@@ -168,21 +126,6 @@ def test_inherited_listen_vars_of_another_process_are_ignored() -> None:
     assert not any(k.startswith("LISTEN_") for k in env)  # removed all the same
     store.close()
 
-
-# Started as systemd starts a service: the fds at 3.., then exec with LISTEN_PID set to the pid
-# that exec keeps. (The child sets it itself: only it knows its pid before exec.)
-WRAPPER = r"""
-import fcntl, os, sys
-src = [int(x) for x in sys.argv[1].split(",")]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in src]
-for fd in src:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i, inheritable=True)
-    os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.executable, [sys.executable, "-c", sys.argv[2]])
-"""
 
 CHILD = r"""
 import errno, fcntl, json, os
