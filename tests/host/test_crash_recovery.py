@@ -3,50 +3,19 @@ crash left, because the fd keeper holds a copy of each and the crash record that
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from luo.testing.host import HostProcess
+from luo.testing.memfds import memfd, sha_of
+from luo.testing.memfds import preserve_and_exit as preserve_memfd_and_exit
 from luo.testing.processes import alive, pids_of
 from luo.testing.wait import wait_for
 
-PRESERVE_AND_EXIT = r"""
-import hashlib, json, os, sys
-from luo.client import connect
-c = connect(sys.argv[1])
-fd = os.memfd_create("crash-global", os.MFD_ALLOW_SEALING)
-data = os.urandom(4 << 20)
-os.write(fd, data)
-print(json.dumps({"token": c.preserve_fd(fd), "sha": hashlib.sha256(data).hexdigest()}))
-"""
-
-
-def sha_of(fd: int) -> str:
-    h = hashlib.sha256()
-    off = 0
-    while chunk := os.pread(fd, 1 << 20, off):
-        h.update(chunk)
-        off += len(chunk)
-    return h.hexdigest()
-
-
-def memfd(name: str, size: int = 1 << 20) -> tuple[int, str]:
-    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
-    data = os.urandom(size)
-    os.write(fd, data)
-    return fd, hashlib.sha256(data).hexdigest()
-
 
 def preserve_and_exit(host: HostProcess) -> dict:
-    """A client preserves a memfd through the RFC v2 call and exits: luod is its only holder."""
-    cp = subprocess.run([sys.executable, "-c", PRESERVE_AND_EXIT, str(host.root)], capture_output=True,
-                        text=True, check=True)
-    return json.loads(cp.stdout)
+    return preserve_memfd_and_exit(host.root, "crash-global", 4 << 20)
 
 
 def keeper_pids(root: Path) -> list[int]:

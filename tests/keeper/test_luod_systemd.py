@@ -5,8 +5,6 @@ The new luod has every preserved fd back, bit-exact, with no keeper process anyw
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -20,23 +18,9 @@ from keeper_helpers import WRAPPER, FakeSystemd, keeper_pids
 
 from luo.client.connection import open_socket
 from luo.testing.host import HostProcess
+from luo.testing.memfds import preserve_and_exit, sha_of
 from luo.testing.processes import alive, kill_all
 from luo.testing.wait import wait_for
-
-PRESERVE_AND_EXIT = r"""
-import hashlib, json, os, sys
-from luo.client import connect
-c = connect(sys.argv[1])
-fd = os.memfd_create("sd-global", os.MFD_ALLOW_SEALING)
-data = os.urandom(1 << 20)
-os.write(fd, data)
-print(json.dumps({"token": c.preserve_fd(fd), "sha": hashlib.sha256(data).hexdigest()}))
-"""
-
-
-
-def sha_of(fd: int) -> str:
-    return hashlib.sha256(os.pread(fd, os.fstat(fd).st_size, 0)).hexdigest()
 
 
 class Manager(threading.Thread):
@@ -96,9 +80,7 @@ def start_like_systemd(root: Path, env: dict[str, str], passed: list[tuple[str, 
 def test_luod_recovers_from_systemds_fd_store(systemd: tuple[Manager, dict[str, str], Path]) -> None:
     manager, env, root = systemd
     host = HostProcess(root, env).start()
-    cp = subprocess.run([sys.executable, "-c", PRESERVE_AND_EXIT, str(root)], capture_output=True, text=True,
-                        check=True, env=host.env)
-    g = json.loads(cp.stdout)
+    g = preserve_and_exit(root, "sd-global", env=host.env)
     c = host.client()
     sess = c.create_session("sd-session")
     fd = os.memfd_create("sd-session-mem", os.MFD_ALLOW_SEALING)

@@ -9,23 +9,13 @@ import threading
 
 from luo.testing.console import check_continuity
 from luo.testing.host import HostProcess
-from luo.testing.processes import alive, pids_of
-from luo.testing.vms import HB_MS, MARGIN_MS, more_beats, vmm_pid
+from luo.testing.processes import alive
+from luo.testing.vms import HB_MS, MARGIN_MS, more_beats, vmm_pid, vmm_processes
 from luo.testing.wait import wait_for
 
 
 def successor_vmm_pids(host: HostProcess) -> list[int]:
-    """Successor VMMs (``luo ... vmm successor``) of this host's runtime dir."""
-    out = []
-    for pid in pids_of(host.root):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"vmm" in argv and b"successor" in argv:
-            out.append(pid)
-    return out
+    return vmm_processes(host, successors_only=True)
 
 
 def test_cancel_at_prepare_keeps_old_vmm(vm_host) -> None:  # noqa: ANN001

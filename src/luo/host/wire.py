@@ -42,15 +42,16 @@ def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[in
         sock.sendall(data) if sock.type == socket.SOCK_STREAM else sock.send(data)
 
 
-def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """One message and its fds (close-on-exec), or None at EOF.
+def recv_msg(sock: socket.socket, max_size: int = MAX_MSG) -> tuple[dict[str, Any], list[int]] | None:
+    """One message of at most ``max_size`` bytes and its fds (close-on-exec), or None at EOF.
+    (A small ``max_size`` saves CPython allocating the whole buffer for every receive.)
 
     Whatever the peer sent, this raises only OSError (from the socket) or LuoError: EMSGSIZE for a
     truncated message, EINVAL for anything that is not a JSON object within MAX_DEPTH levels with
     finite numbers. The received fds are closed on every error path: the caller never sees them.
     """
     fds = array.array("i")
-    data, anc, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
+    data, anc, flags, _ = sock.recvmsg(max_size, socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
                                        socket.MSG_CMSG_CLOEXEC)
     try:
         for level, kind, payload in anc:
@@ -59,7 +60,8 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
         if not data and not fds:
             return None
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            raise LuoError(errno.EMSGSIZE, "control message truncated")
+            raise LuoError(errno.EMSGSIZE, f"message truncated (at most {max_size} bytes and {SCM_MAX_FD} fds, "
+                           "and only as many fds as the receiver may open)")
         return parse(data), list(fds)
     except BaseException:
         for fd in fds:

@@ -11,14 +11,10 @@ luo.host.wire's (parse), so a hostile datagram is refused exactly as on luod's c
 
 from __future__ import annotations
 
-import array
-import errno
-import os
 import socket
 from typing import Any
 
-from luo.errors import LuoError
-from luo.host.wire import SCM_MAX_FD, parse
+from luo.host.wire import recv_msg
 
 PROTOCOL = 1
 SOCKET_NAME = "keeper"
@@ -29,26 +25,5 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """One message and its fds (close-on-exec), or None at EOF; as luo.host.wire.recv_msg, with
-    a buffer of MAX_KEEPER_MSG. Raises only OSError or LuoError (EMSGSIZE for a longer or
-    truncated message, EINVAL for bad JSON), having closed the message's fds."""
-    fds = array.array("i")
-    data, anc, flags, _ = sock.recvmsg(MAX_KEEPER_MSG, socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
-                                       socket.MSG_CMSG_CLOEXEC)
-    try:
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if not data and not fds:
-            return None
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            raise LuoError(errno.EMSGSIZE, f"keeper message truncated (at most {MAX_KEEPER_MSG} bytes and "
-                           f"{SCM_MAX_FD} fds, and only as many fds as the receiver may open)")
-        return parse(data), list(fds)
-    except BaseException:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        raise
+    """luo.host.wire.recv_msg with a buffer of MAX_KEEPER_MSG (see the module docstring)."""
+    return recv_msg(sock, MAX_KEEPER_MSG)
