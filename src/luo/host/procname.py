@@ -4,8 +4,11 @@ the scheduling weight of the threads on a blackout's critical path."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import threading
+import time
 
 PR_SET_NAME = 15
 
@@ -35,25 +38,91 @@ def favour_this_thread(nice: int = CONTROL_NICE) -> None:
         pass
 
 
-WARMUP_NICE = 19
+WARMUP_NICE = 19  # the successor's threads (SCHED_IDLE, else this nice)
+WARMUP_SESSION_NICE = 10  # the successor's session: well below a VMM's, yet not stuck behind a busy machine
+GUEST_SESSION_NICE = -10  # a VMM's session: its vCPU threads before any host work
 
 
-def start_in_background(pid: int) -> None:
-    """Lower a just-started successor's weight while it imports and builds: its start-up must
-    not take CPU from running guests. It favours itself once warm (favour_this_thread)."""
+def _tids(pid: int) -> list[int]:
     try:
-        os.setpriority(os.PRIO_PROCESS, pid, WARMUP_NICE)
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
+def _set_autogroup_nice(pid: int, nice: int, patience: float = 0.0) -> bool:
+    """Set the nice value of pid's autogroup, only when pid leads its own session (the autogroup is
+    then its own: a successor or VMM started with start_new_session). With autogroups on
+    (kernel.sched_autogroup_enabled, processes in the root cpu cgroup), every session is one
+    scheduling entity of full weight, whatever the nice value or policy of its threads: this is
+    the only knob that lowers a whole process against the other sessions. Unprivileged writers
+    are rate limited (EAGAIN within 100 ms of any other write): ``patience`` retries that long."""
+    try:
+        if os.getsid(pid) != pid:
+            return False
+    except OSError:
+        return False
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with open(f"/proc/{pid}/autogroup", "w") as f:
+                f.write(str(nice))
+            return True
+        except OSError as e:
+            if e.errno != errno.EAGAIN or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _set_policy(tid: int, policy: int, nice: int) -> None:
+    try:
+        os.sched_setscheduler(tid, policy, os.sched_param(0))
+    except OSError:
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
     except OSError:
         pass
 
 
-def normal_weight_for_other_threads(nice: int = 0) -> None:
-    """Put every thread but the calling one at the normal weight (vCPU threads inherit the
-    weight of the thread that created them, and a successor VMM creates them while warming)."""
-    me = threading.get_native_id()
-    for tid in os.listdir("/proc/self/task"):
-        if int(tid) != me:
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            except OSError:
-                pass
+def start_in_background(pid: int) -> None:
+    """Put a process in the background: a just-started successor while it imports and builds (its
+    start-up must not take CPU from running guests), or an outgoing process whose guest moved on
+    while it tears down. A successor leaves the background once warm (leave_background).
+
+    Three layers, because any one alone fails somewhere: SCHED_IDLE (a wake-up of any normal
+    thread preempts it; nice 19 as the fallback) works among the threads of one process or
+    session; the autogroup's nice works across sessions, where the first two do nothing (every
+    session weighs the same: a successor at nice 19 in its own session took a full share and
+    delayed a freshly resumed vCPU thread by 52 ms, docs/design.md "Scheduling on a small
+    machine"). Threads created later inherit the policy.
+    """
+    for tid in _tids(pid):
+        _set_policy(tid, os.SCHED_IDLE, WARMUP_NICE)
+    _set_autogroup_nice(pid, WARMUP_SESSION_NICE)
+
+
+def favour_this_session(nice: int = GUEST_SESSION_NICE) -> None:
+    """Give a VMM's session (its autogroup) a higher weight than host work: without it, every
+    session weighs the same, and on a 2-core machine a woken vCPU thread waited 58 ms behind a
+    CPU-bound process of another session. Needs the privilege to raise priority (else nothing)."""
+    _set_autogroup_nice(os.getpid(), nice)
+
+
+def leave_background(session_nice: int = 0) -> None:
+    """Called by a warm successor: every thread of this process back to SCHED_OTHER at the normal
+    weight (vCPU threads inherit the weight of the thread that created them, and a successor VMM
+    creates them while warming), and its session back to the normal share. The session's share
+    must come back or the guest it takes over would run in the background for good: the
+    rate-limited autogroup write is retried, and a failure is said out loud."""
+    for tid in _tids(os.getpid()):
+        _set_policy(tid, os.SCHED_OTHER, 0)
+    try:
+        with open("/proc/self/autogroup") as f:
+            at_warmup = f.read().split()[-1] == str(WARMUP_SESSION_NICE)
+    except (OSError, IndexError):
+        return
+    if session_nice < 0:
+        favour_this_session(session_nice)
+    elif at_warmup and not _set_autogroup_nice(os.getpid(), session_nice, patience=1.0):
+        logging.getLogger("luo").warning("pid %d: cannot put its session back to the normal CPU share", os.getpid())

@@ -19,7 +19,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host import faults
-from luo.host.procname import favour_this_thread, leave_background
+from luo.host.procname import GUEST_SESSION_NICE, favour_this_thread, leave_background
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
@@ -152,7 +152,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     except LuoError as e:
         send_msg(ch, {"errno": e.errno, "error": e.message})
         return 1
-    leave_background()  # warm: this process and the vCPU threads Vm.create started back to normal
+    leave_background(GUEST_SESSION_NICE)  # warm: back to normal, the vCPU threads Vm.create started too
     favour_this_thread()
     link = HostLink(runtime, name)
     try:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from luo.host.procname import favour_this_thread, set_process_name
+from luo.host.procname import favour_this_session, favour_this_thread, set_process_name
 from luo.host.runtime import RuntimeDir, resolve_runtime_dir
 
 DEFAULT_CMDLINE = "hb_ms=100 stall_ms=50"
@@ -52,6 +52,7 @@ def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str 
     vm = Vm.create(name, mem_bytes, cpus, console=FileConsoleSink(str(vdir / "console.log")))
     vm.boot(image, cmdline)
     favour_this_thread()  # after Vm.create: the vCPU threads keep the normal weight
+    favour_this_session()  # and the whole VMM before host work
     state_fd = create_state_memfd(name)
     link = HostLink(rt, name)
     link.preserve(vm.memfd, state_fd)  # from the VM's start: nothing to preserve inside a blackout
