@@ -7,6 +7,7 @@ import ctypes
 import errno
 import logging
 import os
+import resource
 import threading
 import time
 
@@ -97,9 +98,27 @@ def start_in_background(pid: int) -> None:
     delayed a freshly resumed vCPU thread by 52 ms, docs/design.md "Scheduling on a small
     machine"). Threads created later inherit the policy.
     """
-    for tid in _tids(pid):
-        _set_policy(tid, os.SCHED_IDLE, WARMUP_NICE)
+    if _can_undo_background():
+        for tid in _tids(pid):
+            _set_policy(tid, os.SCHED_IDLE, WARMUP_NICE)
     _set_autogroup_nice(pid, WARMUP_SESSION_NICE)
+
+
+CAP_SYS_NICE = 23
+
+
+def _can_undo_background() -> bool:
+    """Whether a process of our user can come back from SCHED_IDLE and nice 19 (CAP_SYS_NICE, or
+    an RLIMIT_NICE that allows nice 0). Without that it is a one-way trip, and a successor VMM's
+    vCPU threads would stay in the background for good: the session's nice alone must do."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+        if caps >> CAP_SYS_NICE & 1:
+            return True
+    except (OSError, StopIteration, ValueError):
+        pass
+    return resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
 
 
 def favour_this_session(nice: int = GUEST_SESSION_NICE) -> None:
@@ -114,7 +133,8 @@ def leave_background(session_nice: int = 0) -> None:
     weight (vCPU threads inherit the weight of the thread that created them, and a successor VMM
     creates them while warming), and its session back to the normal share. The session's share
     must come back or the guest it takes over would run in the background for good: the
-    rate-limited autogroup write is retried, and a failure is said out loud."""
+    rate-limited autogroup write is retried, and a failure is said out loud. ``session_nice``: a
+    successor VMM asks for GUEST_SESSION_NICE, and gets the normal share without the privilege."""
     for tid in _tids(os.getpid()):
         _set_policy(tid, os.SCHED_OTHER, 0)
     try:
@@ -122,7 +142,7 @@ def leave_background(session_nice: int = 0) -> None:
             at_warmup = f.read().split()[-1] == str(WARMUP_SESSION_NICE)
     except (OSError, IndexError):
         return
-    if session_nice < 0:
-        favour_this_session(session_nice)
-    elif at_warmup and not _set_autogroup_nice(os.getpid(), session_nice, patience=1.0):
+    if session_nice < 0 and _set_autogroup_nice(os.getpid(), session_nice):
+        return
+    if at_warmup and not _set_autogroup_nice(os.getpid(), max(session_nice, 0), patience=1.0):
         logging.getLogger("luo").warning("pid %d: cannot put its session back to the normal CPU share", os.getpid())
