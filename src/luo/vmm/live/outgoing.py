@@ -209,13 +209,13 @@ class RunningVmm:
         t2 = time.monotonic_ns()
         self.paused_at = t0
         self.parts = {"pause": _ms(t1 - t0), "save": _ms(t2 - t1)}
-        self._report("paused", "frozen for a live update")
-        faults.point("vmm", "freeze")  # paused and saved: the state the successor can take over
         if self.successor is not None:
             try:  # lets the successor restore while the host hands over
                 send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts})
             except OSError:
                 pass
+        self._report("paused", "frozen for a live update")  # after "saved": not on the blackout's path
+        faults.point("vmm", "freeze")  # paused, saved and said so: what the successor can take over
         return {"pause_ms": self.parts["pause"], "save_ms": self.parts["save"]}
 
     def _drop_successor(self) -> None:
