@@ -60,6 +60,7 @@ class VmSupervisor:
         self.vms: dict[str, VmEntry] = {}
         self.successor_cmd: list[str] = [sys.executable, "-m", "luo"]
         self.request_timeout = faults.participant_timeout(120.0)
+        self.seq = 0  # numbers the requests to VMMs
         incoming = [s for s in _incoming_session_names(host) if s.startswith(SESSION_PREFIX)]
         self.expected = {s[len(SESSION_PREFIX):] for s in incoming}
 
@@ -210,6 +211,8 @@ class VmSupervisor:
         """Send one request to each VMM, then collect every answer (they work in parallel)."""
         sent: list[VmEntry] = []
         errors: list[str] = []
+        self.seq += 1
+        msg = {**msg, "seq": self.seq}  # a late answer to an earlier request is not this one's answer
         for v in vms:
             try:
                 assert v.conn is not None
@@ -220,15 +223,29 @@ class VmSupervisor:
         answers: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + timeout
         for v in sent:
-            assert v.conn is not None
+            conn = v.conn
+            assert conn is not None
+            got, gone = None, False
             try:
-                v.conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
-                got = recv_msg(v.conn.sock)
-            except (TimeoutError, OSError):
+                while got is None:
+                    conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    got = recv_msg(conn.sock)
+                    if got is None:
+                        gone = True  # EOF: the VMM is dead
+                        break
+                    if got[0].get("seq") != msg["seq"]:
+                        for fd in got[1]:
+                            os.close(fd)
+                        got = None  # a late answer to an earlier request
+            except (TimeoutError, OSError, LuoError):
                 got = None
             finally:
-                if v.conn.sock.fileno() >= 0:
-                    v.conn.sock.settimeout(None)
+                if conn.sock.fileno() >= 0:
+                    conn.sock.settimeout(None)
+            if gone:
+                # say so now, not at the next turn of the loop: its successor VMM may own the guest
+                # already (a VMM that dies after saving hands it on), and must not be killed for it
+                self.host.drop_conn(conn)
             if got is None:
                 errors.append(f"{v.name}: VMM pid {v.pid} did not answer {msg['op']}")
                 continue

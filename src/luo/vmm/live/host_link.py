@@ -55,6 +55,7 @@ class HostLink:
         self.client = Client(runtime.root, timeout=30.0)
         self.session: Session | None = None
         self.sock: socket.socket | None = None
+        self.seq: object = None  # the host request being answered: its reply carries it back
 
     def preserve(self, ram_fd: int, state_fd: int) -> None:
         """(Re)create the VM's session and preserve its RAM and state memfds in it."""
@@ -114,13 +115,13 @@ class HostLink:
     def answer(self, reply: dict[str, Any]) -> None:
         if self.sock is not None:
             try:
-                send_msg(self.sock, {"reply": True, "errno": 0, **reply})
+                send_msg(self.sock, {"reply": True, "seq": self.seq, "errno": 0, **reply})
             except OSError:
                 pass
 
     def answer_error(self, err: LuoError) -> None:
         if self.sock is not None:
             try:
-                send_msg(self.sock, {"reply": True, "errno": err.errno, "error": err.message})
+                send_msg(self.sock, {"reply": True, "seq": self.seq, "errno": err.errno, "error": err.message})
             except OSError:
                 pass

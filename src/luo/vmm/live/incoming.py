@@ -21,6 +21,7 @@ from luo.errors import LuoError
 from luo.host import faults
 from luo.host.procname import GUEST_SESSION_NICE, favour_this_thread, leave_background
 from luo.host.runtime import RuntimeDir, write_atomic
+from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
 from luo.vmm.live.guest_state import write_guest_state
@@ -228,5 +229,11 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     if orphaned:  # the host never said who holds the session now: take whatever is left, preserve anew
         report["orphaned"] = True
         return RunningVmm(vm, link, state_fd, info).serve(report, reattach=True)
-    _adopt_session(link, name, ram_fd, state_fd, report)
+    try:
+        with deadline(3 * faults.participant_timeout(60.0), "taking the VM's session over"):
+            _adopt_session(link, name, ram_fd, state_fd, report)
+    except LuoError as e:  # the guest runs; serve() preserves it anew if the host lost track of it
+        log.error("vm %s: %s", name, e)
+        report["session_error"] = str(e)
+        return RunningVmm(vm, link, state_fd, info).serve(report, reattach=True)
     return RunningVmm(vm, link, state_fd, info).serve(report)

@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import socket
-import threading
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from luo.errors import LuoError
 from luo.host import faults
 from luo.host.faults import participant_timeout
 from luo.host.procname import start_in_background
+from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
@@ -66,10 +66,9 @@ class RunningVmm:
         self.successor_pid = 0
         self.paused_at = 0
         self.parts: dict[str, float] = {}
-        self.owner_lock = threading.Lock()  # "go" and a rescue decide the guest's owner under it
-        self.went = False  # "go" was sent: the successor VMM owns the guest
-        self.rescued = False
-        self.watchdog_s = participant_timeout(WARM_TIMEOUT + 30.0)
+        # A request stuck longer than this fails (ETIMEDOUT raised inside it, luo.host.watchdog) and
+        # the loop goes on: longer than any wait of its own (warm-up, resume, kill, re-register).
+        self.watchdog_s = 3 * participant_timeout(WARM_TIMEOUT + 30.0)
 
     def serve(self, report: dict[str, Any] | None = None, *, reattach: bool = False) -> int:
         """Register with the host and answer its requests until the VM leaves this process.
@@ -91,53 +90,41 @@ class RunningVmm:
                 continue
             msg, fds = got
             op = msg.get("op")
-            watchdog = threading.Timer(self.watchdog_s, self._rescue, (f"request {op!r} did not finish within "
-                                                                      f"{self.watchdog_s:g} s",))
-            watchdog.daemon = True
-            watchdog.start()
+            self.link.seq = msg.get("seq")
             try:
-                if op == "prepare":
-                    self.link.answer(self.prepare(fds))
-                elif op == "freeze":
-                    self.link.answer(self.freeze())
-                elif op == "cancel":
-                    self.link.answer(self.cancel())
-                elif op == "handed_over":
-                    if self.handed_over():
-                        return 0
+                with deadline(self.watchdog_s, f"VMM request {op!r}"):  # a stuck request fails, the loop goes on
+                    done = self._handle(op, fds)
+                if done:
+                    return 0
+                if op == "handed_over":
                     assert self.link.sock is not None  # re-registered with the new host after a fallback
                     sock = self.link.sock
-                elif op == "stop":
-                    self.vm.stop()
-                    self._report("stopped", "stopped by the operator")
-                    if self.link.session is not None:
-                        self.link.session.close()
-                    self.link.answer({})
-                    return 0
-                else:
-                    raise LuoError(errno.ENOTTY, f"unknown VMM request {op!r}")
             except Exception as e:  # whatever a request does, the guest must not die with it
                 if not isinstance(e, LuoError):
                     log.exception("vm %s: request %r failed", self.vm.name, op)
                     e = LuoError(errno.EIO, f"VMM request {op!r} failed: {e}")
                 self.link.answer_error(e)
-            finally:
-                watchdog.cancel()
 
-    def _rescue(self, why: str) -> None:
-        """The watchdog: this VMM's control thread is stuck in a request. The guest is still ours
-        (no "go" was sent, and the successor VMM only takes a guest on "go" or at our death), so
-        make sure no successor runs and let the guest run again here. The control thread stays
-        stuck (the host times it out); the guest does not wait for it."""
-        with self.owner_lock:
-            if self.went or self.rescued:
-                return
-            self.rescued = True
-            log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
-            self._drop_successor()
-            if self.vm.paused:
-                self.vm.start()
-                self._report("running", f"resumed by its VMM's watchdog: {why}")
+    def _handle(self, op: object, fds: list[int]) -> bool:
+        """One host request; True when the guest has left this process (handed over, stopped)."""
+        if op == "prepare":
+            self.link.answer(self.prepare(fds))
+        elif op == "freeze":
+            self.link.answer(self.freeze())
+        elif op == "cancel":
+            self.link.answer(self.cancel())
+        elif op == "handed_over":
+            return self.handed_over()
+        elif op == "stop":
+            self.vm.stop()
+            self._report("stopped", "stopped by the operator")
+            if self.link.session is not None:
+                self.link.session.close()
+            self.link.answer({})
+            return True
+        else:
+            raise LuoError(errno.ENOTTY, f"unknown VMM request {op!r}")
+        return False
 
     def _host_gone(self) -> None:
         """The host died. Until this VMM sends ``go`` the guest is its own (the ownership rule in
@@ -178,7 +165,6 @@ class RunningVmm:
         if len(fds) != 1:
             raise LuoError(errno.EINVAL, "prepare needs the channel to the successor VMM")
         faults.point("vmm", "prepare")
-        self.went = self.rescued = False
         t0 = time.perf_counter()
         ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
         send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
@@ -250,10 +236,6 @@ class RunningVmm:
         ch = self.successor
         if ch is None:
             return self._fallback("no successor VMM was warmed")
-        with self.owner_lock:
-            if self.rescued:
-                return self._fallback("the watchdog resumed the guest here")
-            self.went = True
         try:
             send_msg(ch, {"op": "go"})
             ch.settimeout(RESUME_TIMEOUT)
@@ -271,7 +253,6 @@ class RunningVmm:
         log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
         gc.enable()
         self._drop_successor()
-        self.went = False
         self.vm.start()
         self._report("running", f"resumed by its VMM: {why}")
         self.link.client.close()
