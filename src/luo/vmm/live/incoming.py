@@ -217,9 +217,13 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     predecessor.close()
     gc.enable()
 
-    parts = dict(saved.get("parts_ms", {}))
+    got_parts = saved.get("parts_ms")
+    parts = {str(k): float(v) for k, v in got_parts.items() if isinstance(v, (int, float))} \
+        if isinstance(got_parts, dict) and len(got_parts) <= 16 else {}
     # restore overlaps the host handover; "handover" is the part of the gap not spent restoring
-    saved_at = int(saved.get("saved_at", t_saved))
+    saved_at = saved.get("saved_at")
+    if not isinstance(saved_at, int) or isinstance(saved_at, bool) or not 0 < saved_at <= t_saved:
+        saved_at = t_saved  # accounting only: a bad value never stops the guest
     parts["handover"] = _ms(t_go - saved_at - (t_restored - t_saved))
     parts["restore"] = _ms(t_restored - t_saved)
     parts["resume"] = _ms(t_resumed - t_go)
