@@ -11,6 +11,7 @@ import sys
 import threading
 
 from luo.testing.host import HostProcess
+from luo.testing.memfds import sha_of
 from luo.testing.processes import alive
 from luo.testing.wait import wait_for
 
@@ -28,14 +29,6 @@ token = c.preserve_fd(fd)
 print(json.dumps({"token": token, "sha": hashlib.sha256(data).hexdigest()}))
 """
 
-
-def sha_of(fd: int) -> str:
-    h = hashlib.sha256()
-    off = 0
-    while chunk := os.pread(fd, 4 * MiB, off):
-        h.update(chunk)
-        off += len(chunk)
-    return h.hexdigest()
 
 
 def host_fds(pid: int) -> list[str]:

@@ -40,6 +40,7 @@ from luo.host import ops as host_ops
 from luo.host import vms as host_vms
 from luo.host.wire import MAX_MSG, SCM_MAX_FD, parse
 from luo.testing.host import HostProcess
+from luo.testing.memfds import sha_of
 from luo.testing.wait import wait_for
 
 N_MESSAGES = int(os.environ.get("LUO_FUZZ_MESSAGES", "100000"))
@@ -636,14 +637,6 @@ def settled_fd_count(host: HostProcess) -> int:
     s.close()
     return n
 
-
-def sha_of(fd: int) -> str:
-    h = hashlib.sha256()
-    off = 0
-    while chunk := os.pread(fd, 4 * MiB, off):
-        h.update(chunk)
-        off += len(chunk)
-    return h.hexdigest()
 
 
 def test_fuzz_control_socket(host: HostProcess) -> None:

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from luo.testing.host import HostProcess
+from luo.testing.vms import require_kvm_and_guest
 from luo.testing.wait import wait_for
-from luo.vmm.live.main import default_image
 
 pytestmark = pytest.mark.kvm
 
@@ -21,10 +20,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _needs_kvm_and_guest() -> None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("needs /dev/kvm")
-    if not Path(default_image()).exists():
-        pytest.fail(f"the test guest is not built ({default_image()}): run ./scripts/setup.sh")
+    require_kvm_and_guest()
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from luo.core.participants import FileHandler, Subsystem
 from luo.core.session import SessionHandle
 from luo.errors import LuoError
 from luo.host.tree import tree_for
+from luo.host.wire import close_fds
 from luo.keeper.store import FdStore
 from luo.kho import parse_tree
 
@@ -160,13 +161,13 @@ def recover_host(meta: bytes, fds: dict[str, int], handlers: Sequence[FileHandle
         if doc.get("incoming") is not None:
             incoming, _ = parse_tree(base64.b64decode(doc["incoming"]), fd_count=len(in_fds))
     except (ValueError, KeyError, TypeError, LuoError) as e:
-        _close([*fds.values(), *out_fds, *in_fds])
+        close_fds([*fds.values(), *out_fds, *in_fds])
         if isinstance(e, LuoError):
             raise
         raise LuoError(errno.EINVAL, f"fd store metadata unreadable: {e}") from None
-    _close([*fds.values()])  # held by the store under no key the metadata names
+    close_fds([*fds.values()])  # held by the store under no key the metadata names
     orch, sessions, refused = recover(number, outgoing, out_fds, incoming, in_fds, handlers, subsystems)
-    _close(refused)
+    close_fds(refused)
     report = {
         "time": time.time(),
         "crashed_pid": doc.get("pid"),
@@ -182,10 +183,3 @@ def recover_host(meta: bytes, fds: dict[str, int], handlers: Sequence[FileHandle
                 report)
     return Recovered(orch, sessions, stale, report)
 
-
-def _close(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from luo.errors import LuoError
@@ -142,3 +143,12 @@ def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
     if e:
         raise LuoError(e, str(reply.get("error", "")))
     return reply
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds that are ours to drop; one already gone is no error (error paths call this)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

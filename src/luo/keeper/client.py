@@ -21,7 +21,7 @@ from typing import Any
 
 from luo.errors import LuoError
 from luo.host.handover import blob_memfd, read_blob
-from luo.host.wire import raise_for, send_msg
+from luo.host.wire import close_fds, raise_for, send_msg
 from luo.keeper.proto import LOG_NAME, MAX_SOCKET_PATH, PROTOCOL, SOCKET_NAME, recv
 from luo.keeper.store import BATCH, MAX_META, validate_key
 
@@ -177,7 +177,7 @@ class KeeperStore:
         try:
             raise_for(reply)
         except LuoError:
-            _close(rfds)
+            close_fds(rfds)
             raise
         return reply, rfds
 
@@ -203,7 +203,7 @@ class KeeperStore:
         for _ in range(2):
             got = self._request(msg, fds)
             if got is not None:
-                _close(got[1])
+                close_fds(got[1])
                 return got[0]
         raise LuoError(errno.EPIPE, f"the fd keeper on {self.root / SOCKET_NAME} went away twice during one call")
 
@@ -279,19 +279,19 @@ class KeeperStore:
                 keys = msg.get("keys")
                 if (msg.get("op") != "fds" or msg.get("index") != len(out) or not isinstance(keys, list)
                         or len(keys) != len(fds) or not fds):
-                    _close(fds)
+                    close_fds(fds)
                     raise LuoError(errno.EPROTO, f"keeper load batch out of order at {len(out)} of {count}")
                 for i, (key, fd) in enumerate(zip(keys, fds, strict=True)):
                     if not isinstance(key, str) or key in out:
-                        _close(fds[i:])
+                        close_fds(fds[i:])
                         raise LuoError(errno.EPROTO, f"keeper load names {key!r} twice or badly")
                     out[key] = fd
             complete = True
             return meta, out
         finally:
-            _close(head_fds)
+            close_fds(head_fds)
             if not complete:
-                _close(list(out.values()))
+                close_fds(list(out.values()))
                 self._disconnect()  # the rest of this load must not be read as replies to later calls
 
     def ping(self) -> dict[str, Any]:
@@ -307,10 +307,3 @@ class KeeperStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

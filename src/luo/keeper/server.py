@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from luo.errors import LuoError
-from luo.host.wire import error_reply, send_msg
+from luo.host.wire import close_fds, error_reply, send_msg
 from luo.keeper.proto import LOCK_NAME, MAX_SOCKET_PATH, PROTOCOL, SOCKET_NAME, recv
 from luo.keeper.store import BATCH, MAX_META, validate_key
 
@@ -86,13 +86,6 @@ def peer_of(sock: socket.socket) -> tuple[int, int, int]:
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
 
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _keys(msg: dict[str, Any], name: str = "keys") -> list[str]:
@@ -162,7 +155,7 @@ class Keeper:
             pass
         conn.sock.close()
         while conn.outq:
-            _close(conn.outq.popleft()[1])
+            close_fds(conn.outq.popleft()[1])
 
     def serve(self, conn: Conn) -> None:
         try:
@@ -188,7 +181,7 @@ class Keeper:
             log.exception("pid %d: request %r failed", conn.pid, str(msg.get("op"))[:40])
             replies = [(error_reply(LuoError(errno.EIO, f"internal error: {e}")), [])]
         finally:
-            _close(fds)  # handlers remove from ``fds`` what they keep
+            close_fds(fds)  # handlers remove from ``fds`` what they keep
         for reply, out in replies:
             self.send(conn, reply, out)
 
@@ -213,7 +206,7 @@ class Keeper:
                 dups.append(os.dup(fd))
         except OSError as e:  # out of fds: this client loses its connection, nobody loses an fd
             log.warning("pid %d: cannot queue a reply (%s); closing its connection", conn.pid, e.strerror)
-            _close(dups)
+            close_fds(dups)
             self.drop_conn(conn)
             return
         conn.outq.append((reply, dups))
@@ -229,7 +222,7 @@ class Keeper:
                 self.drop_conn(conn)
                 return
             conn.outq.popleft()
-            _close(fds)
+            close_fds(fds)
         self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
 
     # -- requests ------------------------------------------------------------------------
@@ -273,7 +266,7 @@ class Keeper:
         for key, fd in zip(keys, fds, strict=True):
             old = self.fds.pop(key, None)
             if old is not None:
-                _close([old])  # never raises: the loop must not stop between keeping and clearing
+                close_fds([old])  # never raises: the loop must not stop between keeping and clearing
             self.fds[key] = fd
         fds.clear()  # kept
         return {"errno": 0, "count": len(self.fds)}, []
@@ -284,7 +277,7 @@ class Keeper:
         for key in keys:
             fd = self.fds.pop(key, None)
             if fd is not None:
-                _close([fd])
+                close_fds([fd])
                 dropped += 1
         return {"errno": 0, "dropped": dropped, "count": len(self.fds)}, []
 
@@ -307,7 +300,7 @@ class Keeper:
         if st.st_size != size:
             raise LuoError(errno.EINVAL, f"meta memfd holds {st.st_size} bytes, the message says {size}")
         if self.meta_fd is not None:
-            _close([self.meta_fd])
+            close_fds([self.meta_fd])
         self.meta_fd, self.meta_size = fd, size
         fds.clear()  # kept
         return {"errno": 0}, []

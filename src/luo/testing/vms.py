@@ -35,3 +35,18 @@ def vmm_processes(host: HostProcess, successors_only: bool = False) -> list[int]
         if b"vmm" in argv and alive(pid) and (not successors_only or b"successor" in argv):
             out.append(pid)
     return out
+
+
+def require_kvm_and_guest() -> None:
+    """Skip without /dev/kvm; fail (not skip) when the test guest was not built."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from luo.vmm.live.main import default_image
+
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("needs /dev/kvm")
+    if not Path(default_image()).exists():
+        pytest.fail(f"the test guest is not built ({default_image()}): run ./scripts/setup.sh")
