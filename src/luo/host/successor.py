@@ -172,7 +172,7 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     inc = Incoming(runtime, handlers, known)
     announced = faults.values("successor-protocol")
     protocol = int(announced[0]) if announced else HANDOVER_PROTOCOL
-    predecessor = Watched(runtime.read_pid())
+    predecessor = Watched(runtime.read_pid() or os.getppid())  # the host that started us
     try:
         send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known), "protocol": protocol})
         while True:
@@ -226,7 +226,7 @@ class Watched:
     def died(self, timeout: float = 2.0) -> bool:
         """True once it is dead; its sockets reach EOF a moment before it is reaped."""
         if self.pidfd is None:
-            return True
+            return True  # pidfd_open failed: it was gone already
         ready, _, _ = select.select([self.pidfd], [], [], timeout)
         return bool(ready)
 

@@ -36,8 +36,10 @@ WARM_TIMEOUT = participant_timeout(120.0)
 RESUME_TIMEOUT = participant_timeout(5.0)  # a successor VMM told to go resumes in milliseconds; past this it is hung
 
 
-def kill_and_reap(pid: int, timeout: float = 10.0) -> None:
-    """SIGKILL pid and wait until it is gone (it is not our child: wait on a pidfd)."""
+def kill_and_reap(pid: int, report_every: float = 10.0) -> None:
+    """SIGKILL pid and wait until it is gone (it is not our child: wait on a pidfd). There is no
+    timeout: the caller resumes the guest next, and must never while the other may still run it.
+    A killed process that does not die at once is stuck in the kernel: say so, and keep waiting."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -47,7 +49,9 @@ def kill_and_reap(pid: int, timeout: float = 10.0) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except OSError:
             return
-        select.select([pidfd], [], [], timeout)
+        while not select.select([pidfd], [], [], report_every)[0]:
+            log.error("pid %d was killed %g s ago and is still not gone; waiting before resuming the guest",
+                      pid, report_every)
     finally:
         os.close(pidfd)
 
