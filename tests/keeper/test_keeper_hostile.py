@@ -174,41 +174,9 @@ def test_client_gone_mid_load(store: KeeperStore, runtime: Path, memfd: Callable
     assert store.ping()["count"] == 600
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
-def test_other_users_are_refused(store: KeeperStore, runtime: Path, memfd: Callable[..., int]) -> None:
-    """uid 65534 cannot connect (socket mode 0600); with the mode opened up by hand, SO_PEERCRED
-    still refuses every request with EPERM, and an fd it sends is not kept."""
-    store.put("mine", memfd(b"root's"))
-    os.chmod(runtime.parent, 0o711)
-    os.chmod(runtime, 0o711)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: become nobody, try, report through the pipe, never return to pytest
-        code = 1
-        try:
-            os.close(rfd)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            out: dict[str, Any] = {}
-            try:
-                raw_conn(runtime).close()
-                out["closed"] = "connected"
-            except PermissionError:
-                out["closed"] = "EACCES"
-            os.write(wfd, (json.dumps(out) + "\n").encode())
-            os.read(0, 0)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    with os.fdopen(rfd) as f:
-        first = json.loads(f.readline())
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert first == {"closed": "EACCES"}
-
-    os.chmod(runtime / "keeper", 0o666)
+def as_nobody(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a forked child that became uid/gid 65534; its JSON result comes back by pipe.
+    The child never returns to pytest."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -218,20 +186,44 @@ def test_other_users_are_refused(store: KeeperStore, runtime: Path, memfd: Calla
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            s = raw_conn(runtime)
-            mine = os.memfd_create("nobody's")
-            replies = [ask(s, {"op": op, **extra}, fds) for op, extra, fds in
-                       (("ping", {}, []), ("load", {}, []), ("put", {"key": "theirs"}, [mine]),
-                        ("drop", {"keys": ["mine"]}, []))]
-            os.write(wfd, (json.dumps(replies) + "\n").encode())
+            os.write(wfd, (json.dumps(fn()) + "\n").encode())
             code = 0
         finally:
             os._exit(code)
     os.close(wfd)
     with os.fdopen(rfd) as f:
-        replies = json.loads(f.readline())
+        line = f.readline()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(line)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_other_users_are_refused(store: KeeperStore, runtime: Path, memfd: Callable[..., int]) -> None:
+    """uid 65534 cannot connect (socket mode 0600); with the mode opened up by hand, SO_PEERCRED
+    still refuses every request with EPERM, and an fd it sends is not kept."""
+    store.put("mine", memfd(b"root's"))
+    os.chmod(runtime.parent, 0o711)
+    os.chmod(runtime, 0o711)
+
+    def connect() -> dict[str, Any]:
+        try:
+            raw_conn(runtime).close()
+            return {"closed": "connected"}
+        except PermissionError:
+            return {"closed": "EACCES"}
+
+    assert as_nobody(connect) == {"closed": "EACCES"}
+
+    os.chmod(runtime / "keeper", 0o666)
+
+    def requests() -> list[dict[str, Any]]:
+        s = raw_conn(runtime)
+        mine = os.memfd_create("nobody's")
+        return [ask(s, {"op": op, **extra}, fds) for op, extra, fds in
+                (("ping", {}, []), ("load", {}, []), ("put", {"key": "theirs"}, [mine]), ("drop", {"keys": ["mine"]}, []))]
+
+    replies = as_nobody(requests)
     assert [r["errno"] for r in replies] == [errno.EPERM] * 4
     assert "65534" in replies[0]["error"]
     meta, fds = store.load()

@@ -138,12 +138,17 @@ class RunningVmm:
             log.warning("vm %s: the host went away outside an update; the guest runs on", self.vm.name)
             return
         log.warning("vm %s: the host went away during an update; the guest stays with this VMM", self.vm.name)
+        self._keep_guest("the host died during an update")
+
+    def _keep_guest(self, why: str) -> None:
+        """The guest stays here: make sure no successor VMM runs (killed and gone, never merely
+        told), then let the guest run. Every path that keeps the guest goes through this."""
         gc.enable()
         self._drop_successor()
         if self.vm.paused:
             self.vm.start()
-            self._report("running", "resumed by its VMM: the host died during an update")
-            log.info("vm %s: guest resumed on this VMM", self.vm.name)
+            self._report("running", f"resumed by its VMM: {why}")
+            log.info("vm %s: guest resumed on this VMM (%s)", self.vm.name, why)
 
     def _report(self, state: str, why: str = "") -> None:
         write_guest_state(self.link.runtime, self.vm.name, state, why)
@@ -222,12 +227,7 @@ class RunningVmm:
             self.successor_pid = 0
 
     def cancel(self) -> dict[str, Any]:
-        gc.enable()
-        self._drop_successor()
-        if self.vm.paused:
-            self.vm.start()
-            self._report("running", "update cancelled")
-            log.info("vm %s: update cancelled, guest resumed on this VMM", self.vm.name)
+        self._keep_guest("update cancelled")
         faults.point("vmm", "cancel")  # after the rollback's own work
         return {}
 
@@ -255,10 +255,7 @@ class RunningVmm:
 
     def _fallback(self, why: str) -> bool:
         log.error("vm %s: %s; resuming the guest on this VMM", self.vm.name, why)
-        gc.enable()
-        self._drop_successor()
-        self.vm.start()
-        self._report("running", f"resumed by its VMM: {why}")
+        self._keep_guest(why)
         self.link.client.close()
         self.link.drop_stale_incoming()
         self.link.preserve(self.vm.memfd, self.state_fd)
