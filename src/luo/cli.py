@@ -45,6 +45,11 @@ def cmd_update(args: argparse.Namespace) -> int:
 
     result = update(args.runtime_dir, to=args.to, timeout=args.timeout, connect_timeout=args.connect_timeout,
                     faults=args.fault)
+    if args.reboot:
+        from luo.host.runtime import resolve_runtime_dir
+        from luo.uapi.control import reboot
+
+        result["rebooted"] = reboot(str(resolve_runtime_dir(args.runtime_dir)), int(result["new_pid"]))
     if args.json:
         print(json.dumps(result))
     else:
@@ -56,6 +61,9 @@ def format_update(r: dict[str, Any]) -> str:
     lines = [f"updated: host pid {r['old_pid']} -> {r['new_pid']}, liveupdate-number {r['liveupdate_number']}, "
              f"total {r['total_ms']:.1f} ms"]
     lines.append("  phases: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["phases_ms"].items()))
+    if "rebooted" in r:
+        lines.append(f"  reboot: ended {len(r['rebooted'])} luo run process(es) holding pre-update sessions"
+                     + (f": {', '.join(map(str, r['rebooted']))}" if r["rebooted"] else ""))
     for name, vm in sorted(r.get("vms", {}).items()):
         parts = ", ".join(f"{k} {v:.2f}" for k, v in vm.get("parts_ms", {}).items())
         lines.append(f"  vm {name}: blackout {vm['blackout_ms']:.2f} ms ({parts})")
@@ -115,6 +123,15 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return run_selftest(args.runtime_dir, args.sessions, args.files)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from luo.uapi.launch import run
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return run(argv, args.runtime_dir)
+
+
 def cmd_keeper(args: argparse.Namespace) -> int:
     from luo.host.runtime import resolve_runtime_dir
     from luo.keeper.server import run_keeper
@@ -138,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = add("host", cmd_host, "run the host daemon (luod)")
     h.add_argument("--successor", type=int, default=None, help=argparse.SUPPRESS)
+    r = add("run", cmd_run, "run a program that uses /dev/liveupdate, served by this host (no kexec needed)")
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]")
     add("keeper", cmd_keeper, "hold preserved fds across a crash of luod (started by luod)")
     add("state", cmd_state, "print the LUO state")
     for ev in ("prepare", "freeze", "cancel", "finish"):
@@ -147,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true")
     u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the successor's confirmation")
     u.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)
+    u.add_argument("--reboot", action="store_true",
+                   help="then end every `luo run` process still holding a pre-update session, as a kexec would")
     s = add("status", cmd_status, "show state, preserved fds, sessions and VMs")
     s.add_argument("--json", action="store_true")
     dm = add("demo", cmd_demo, "the main job: a VM under load live-updated N times, blackouts reported")
