@@ -410,7 +410,7 @@ static int mode_hold(void)
 		printf("not ok 1 - open: %s\n", luo_errname(errno));
 		return 1;
 	}
-	printf("holding\n");
+	printf("holding pid=%d\n", (int)getpid());
 	if (!fgets(line, sizeof(line), stdin))
 		luo_note("stdin closed");
 	close(fd);
