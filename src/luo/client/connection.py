@@ -87,7 +87,8 @@ class Connection:
         for attempt in (0, 1):
             sock = self._ensure()
             try:
-                sock.settimeout(timeout)
+                if timeout is not None:  # (a blocking socket needs no call: two fcntls saved per request)
+                    sock.settimeout(timeout)
                 send_msg(sock, msg, fds)
                 got = recv_msg(sock)
             except (BrokenPipeError, ConnectionResetError):
@@ -96,7 +97,7 @@ class Connection:
                 self.close()
                 raise LuoError(errno.ETIMEDOUT, f"the luo host did not answer {msg.get('op')!r} in time") from None
             finally:
-                if self._sock is not None:
+                if self._sock is not None and timeout is not None:
                     self._sock.settimeout(None)
             if got is not None:
                 reply, rfds = got

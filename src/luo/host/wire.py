@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,17 +44,31 @@ def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[in
         sock.sendall(data) if sock.type == socket.SOCK_STREAM else sock.send(data)
 
 
+_local = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    """A receive buffer of ``size`` bytes, reused by this thread: ``recvmsg(4 MiB)`` would allocate
+    (mmap and unmap) 4 MiB for every message, about 20 µs each time, for replies of a few bytes."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buf = bytearray(size)
+    return memoryview(buf)[:size]
+
+
 def recv_msg(sock: socket.socket, max_size: int = MAX_MSG) -> tuple[dict[str, Any], list[int]] | None:
     """One message of at most ``max_size`` bytes and its fds (close-on-exec), or None at EOF.
-    (A small ``max_size`` saves CPython allocating the whole buffer for every receive.)
+    (The buffer is allocated once per thread, see ``_buffer``.)
 
     Whatever the peer sent, this raises only OSError (from the socket) or LuoError: EMSGSIZE for a
     truncated message, EINVAL for anything that is not a JSON object within MAX_DEPTH levels with
     finite numbers. The received fds are closed on every error path: the caller never sees them.
     """
     fds = array.array("i")
-    data, anc, flags, _ = sock.recvmsg(max_size, socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
-                                       socket.MSG_CMSG_CLOEXEC)
+    buf = _buffer(max_size)
+    size, anc, flags, _ = sock.recvmsg_into([buf], socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
+                                            socket.MSG_CMSG_CLOEXEC)
+    data = bytes(buf[:size])
     try:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -81,7 +96,7 @@ def parse(data: bytes) -> dict[str, Any]:
         raise LuoError(errno.EINVAL, f"malformed control message: not UTF-8 ({e.reason} at byte {e.start})") from None
     check_depth(data)
     try:
-        msg = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        msg = _DECODER.decode(text)
     except LuoError:
         raise
     except (ValueError, RecursionError, MemoryError) as e:  # RecursionError: cannot happen, see check_depth
@@ -121,6 +136,10 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):  # 1e999 parses as infinity
         raise LuoError(errno.EINVAL, f"malformed control message: {_short(text)} is not a finite number")
     return value
+
+
+# one decoder for every message: json.loads with hooks would build a new one per call (~4 µs)
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def _short(x: object, n: int = 200) -> str:
