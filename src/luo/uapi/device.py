@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from luo.client.connection import Connection
 from luo.client.session import Session
+from luo.core.states import State
 from luo.errors import LuoError
 from luo.uapi import abi
 from luo.uapi.ioctls import Call, Memory, c_name, c_name_bytes
@@ -57,6 +58,7 @@ class DeviceFile:
 
     def __init__(self, conn: Connection, program: str, host_pid: int, liveupdate_number: int) -> None:
         self.conn = conn
+        self.state_file = conn.runtime.state
         self.program = program
         self.host_pid = host_pid
         self.liveupdate_number = liveupdate_number
@@ -134,12 +136,23 @@ class DeviceFile:
             _, fds = self._call("restore_fd", token=token)
             self._give_one(call, caller, fds, "f0")
         elif op is abi.GET_STATE:
-            reply, _ = self._call("get_state")
-            call.answer(caller.mem, f0=int(reply["state"]))
+            call.answer(caller.mem, f0=self._state())
         elif op.cmd in abi.EVENTS:
             self._call(abi.EVENTS[op.cmd])
         else:
             raise LuoError(errno.ENOTTY, f"{op.name} is not a /dev/liveupdate ioctl")
+
+    def _state(self) -> int:
+        """The state luod publishes in ``<runtime>/state`` before it answers any event (the
+        kernel's sysfs file): read there, a GET_STATE costs no round trip to luod."""
+        if self.stale:
+            raise stale_error("this /dev/liveupdate fd", self.stale)
+        try:
+            with open(self.state_file) as f:
+                return State[f.read().strip().upper()].value
+        except (OSError, ValueError, KeyError):
+            reply, _ = self._call("get_state")
+            return int(reply["state"])
 
     @staticmethod
     def _give_one(call: Call, caller: Caller, fds: list[int], field: str) -> None:
