@@ -125,7 +125,7 @@ def holders(inodes: set[int]) -> dict[int, set[int]]:
 
 def end_stale_holders(sup: Supervisor, host_pid: int) -> list[int]:
     """SIGKILL every process holding a file of a host other than ``host_pid``; wait until gone."""
-    stale = {ph.identity[1] for ph in sup.by_identity.values() if ph.file.host_pid != host_pid or ph.file.stale}
+    stale = {ino for (_dev, ino), info in sup.files.items() if info.host_pid != host_pid}
     if not stale:
         return []
     pids = sorted(p for p in holders(stale) if p != os.getpid())

@@ -1,36 +1,40 @@
 """What each /dev/liveupdate ioctl means, carried out over luo's socket protocol (libluo).
 
-A ``DeviceFile`` is one open of ``/dev/liveupdate``: its own connection to luod, which holds the
-host's device (``open_device``), so a second opener anywhere on that host gets EBUSY as from the
-kernel. A ``SessionFile`` is one session fd: the session socket luod gave for it, so closing it
-unpreserves (created) or finishes (retrieved) exactly as a libluo session does.
+The fds a program gets are luod's own sockets, not stand-ins: opening /dev/liveupdate gives it
+a control connection that holds the host's device (``open_device``, so a second opener anywhere
+on the host gets EBUSY, as from the kernel), and a session fd is the session socket luod made
+for it. So the kernel's fd semantics hold without the supervisor: closing a session's last
+copy unpreserves (created) or finishes (retrieved) it, a fork shares it, and if ``luo run``
+itself dies nothing preserved is lost (the program still holds its sessions; only its ioctls
+stop being served).
 
-Both belong to one host. When that host is gone (a live update handed everything to its
-successor, or it exited), the files are *stale*: every call gives ENODEV and closing them
-changes nothing on the new host. A kexec would have killed their holders; here they may live on
-(``luo update --reboot`` ends them).
+For each call the supervisor takes the program's fd (pidfd_getfd, the same open file), checks
+it is still the socket it installed (same inode, same peer), sends the request on it and reads
+the answer. A socket whose host is gone (a live update handed everything to the successor, or
+luod exited) is *stale*: every call gives ENODEV and closing it changes nothing on the new
+host. A kexec would have killed its holders; here they may live on (``luo update --reboot``).
 
-The caller (the supervised thread) is reached through ``Caller``: its memory, taking one of its
-fds, and putting new fds into it. ioctls with a new fd follow the kernel's order as far as a
-supervisor can: the struct is checked writable before anything is created, the fd is put in,
-then its number is written.
+The caller (the supervised thread) is reached through ``Caller``. ioctls that make an fd follow
+the kernel's order as far as a supervisor can: the struct is checked writable before anything
+is created, the fd is put in, then its number is written.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
-from typing import Any, Protocol
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-from luo.client.connection import Connection
-from luo.client.session import Session
 from luo.core.states import State
 from luo.errors import LuoError
+from luo.host.wire import raise_for, recv_msg, send_msg
 from luo.uapi import abi
 from luo.uapi.ioctls import Call, Memory, c_name, c_name_bytes
 
-log = logging.getLogger("luo.run")
+REPLY_MAX = 1 << 16  # bytes of a reply to a device or session request (they are small)
 
 
 class Caller(Protocol):
@@ -42,8 +46,21 @@ class Caller(Protocol):
     def give_fd(self, fd: int) -> int:
         """Put our ``fd`` into the caller (O_CLOEXEC); returns its number there."""
 
-    def give_file(self, file: SessionFile) -> int:
-        """Make a session fd for ``file`` in the caller (O_CLOEXEC); returns its number there."""
+    def give_session(self, sock: int, info: FileInfo) -> int:
+        """Put session socket ``sock`` into the caller (O_CLOEXEC), remembered as ``info``."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the supervisor knows of a socket it gave a program, keyed by the socket's inode."""
+
+    kind: Literal["device", "session"]
+    name: str  # the session's name; the device path for the device
+    incoming: bool  # a retrieved session
+    host_pid: int  # the luod that served the open (a later host makes the file stale)
+    peer_pid: int  # SO_PEERCRED of the socket: checked on every use
+    state_file: Path
+    program: str
 
 
 def stale_error(what: str, why: str) -> LuoError:
@@ -51,188 +68,159 @@ def stale_error(what: str, why: str) -> LuoError:
                     "again to reach the host that serves now")
 
 
-class DeviceFile:
-    """One open of /dev/liveupdate."""
+def peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[0:4], "little")
 
-    kind = "device"
 
-    def __init__(self, conn: Connection, program: str, host_pid: int, liveupdate_number: int) -> None:
-        self.conn = conn
-        self.state_file = conn.runtime.state
-        self.program = program
-        self.host_pid = host_pid
-        self.liveupdate_number = liveupdate_number
-        self.stale: str | None = None
+def request(sock: socket.socket, info: FileInfo, msg: dict[str, Any],
+            fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
+    """One request on the program's own socket; a host that is gone makes it ENODEV."""
+    what = "this /dev/liveupdate fd" if info.kind == "device" else f"session {info.name!r}"
+    try:
+        send_msg(sock, msg, fds)
+        got = recv_msg(sock, REPLY_MAX)
+    except (BrokenPipeError, ConnectionResetError):
+        got = None
+    if got is None:
+        raise stale_error(what, f"luod pid {info.host_pid} ended: a live update or an exit")
+    reply, rfds = got
+    try:
+        raise_for(reply)
+    except LuoError:
+        for fd in rfds:
+            os.close(fd)
+        raise
+    return reply, rfds
 
-    @classmethod
-    def open(cls, runtime_dir: str, program: str) -> DeviceFile:
-        conn = Connection(runtime_dir)
+
+def _one_fd(op: str, fds: list[int]) -> int:
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise LuoError(errno.EPROTO, f"luod answered {op} without exactly one fd")
+    return fds[0]
+
+
+def serve_device(sock: socket.socket, info: FileInfo, call: Call, caller: Caller) -> None:
+    op = call.op
+    if op in (abi.CREATE_SESSION, abi.RETRIEVE_SESSION):
+        name = c_name(call.fields[2])
+        call.answer(caller.mem)  # the kernel fails with EFAULT before creating anything
+        which = "create_session" if op is abi.CREATE_SESSION else "retrieve_session"
+        _, fds = request(sock, info, {"op": which, "name": name, "program": info.program})
+        session = _one_fd(which, fds)
         try:
-            reply, _ = conn.call({"op": "open_device", "program": program}, retry=False)
-        except LuoError as e:
-            conn.close()
-            if e.errno == errno.ECONNREFUSED:  # no host: as a kernel booted without liveupdate=on
-                raise LuoError(errno.ENOENT, f"no /dev/liveupdate: {e.message}") from None
-            raise
-        return cls(conn, program, int(reply.get("pid", 0)), int(reply.get("liveupdate_number", 0)))
-
-    def socket_fd(self) -> int:
-        sock = self.conn._sock
-        return sock.fileno() if sock is not None else -1
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def went_away(self, why: str) -> None:
-        self.stale = why
-        self.conn.close()
-
-    def _call(self, op: str, fds: tuple[int, ...] = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        if self.stale:
-            raise stale_error("this /dev/liveupdate fd", self.stale)
-        try:
-            return self.conn.call({"op": op, **fields}, fds, retry=False)
-        except LuoError as e:
-            if e.errno == errno.ECONNRESET:
-                self.went_away("its connection ended")
-                raise stale_error("this /dev/liveupdate fd", self.stale or "") from None
-            raise
-
-    def serve(self, call: Call, caller: Caller) -> None:
-        op = call.op
-        if op in (abi.CREATE_SESSION, abi.RETRIEVE_SESSION):
-            name = c_name(call.fields[2])
-            call.answer(caller.mem)  # the kernel fails with EFAULT before creating anything
-            which = "create_session" if op is abi.CREATE_SESSION else "retrieve_session"
-            _, fds = self._call(which, name=name, program=self.program)
-            if len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                raise LuoError(errno.EPROTO, f"luod answered {which} without a session fd")
-            import socket
-
-            session = Session(name, socket.socket(fileno=fds[0]), incoming=(which == "retrieve_session"))
-            file = SessionFile(session, self)
-            number = caller.give_file(file)
-            call.answer(caller.mem, f1=number)
-        elif op is abi.FD_PRESERVE:  # RFC v2: the kernel assigns the token
-            fd, flags, _token = call.fields
-            if flags:
-                raise LuoError(errno.EINVAL, f"FD_PRESERVE: flags {flags:#x} are not zero (RFC v2 defines none)")
-            call.answer(caller.mem)
-            mine = caller.take_fd(fd)
-            try:
-                reply, _ = self._call("preserve_fd", (mine,))
-            finally:
-                os.close(mine)
-            call.answer(caller.mem, f2=int(reply["token"]))
-        elif op is abi.FD_UNPRESERVE:
-            self._call("unpreserve_fd", token=call.fields[0])
-        elif op is abi.FD_RESTORE:
-            _fd, flags, token = call.fields
-            if flags:
-                raise LuoError(errno.EINVAL, f"FD_RESTORE: flags {flags:#x} are not zero (RFC v2 defines none)")
-            call.answer(caller.mem)
-            _, fds = self._call("restore_fd", token=token)
-            self._give_one(call, caller, fds, "f0")
-        elif op is abi.GET_STATE:
-            call.answer(caller.mem, f0=self._state())
-        elif op.cmd in abi.EVENTS:
-            self._call(abi.EVENTS[op.cmd])
-        else:
-            raise LuoError(errno.ENOTTY, f"{op.name} is not a /dev/liveupdate ioctl")
-
-    def _state(self) -> int:
-        """The state luod publishes in ``<runtime>/state`` before it answers any event (the
-        kernel's sysfs file): read there, a GET_STATE costs no round trip to luod."""
-        if self.stale:
-            raise stale_error("this /dev/liveupdate fd", self.stale)
-        try:
-            with open(self.state_file) as f:
-                return State[f.read().strip().upper()].value
-        except (OSError, ValueError, KeyError):
-            reply, _ = self._call("get_state")
-            return int(reply["state"])
-
-    @staticmethod
-    def _give_one(call: Call, caller: Caller, fds: list[int], field: str) -> None:
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise LuoError(errno.EPROTO, f"luod answered {call.op.name} without an fd")
-        try:
-            number = caller.give_fd(fds[0])
+            sinfo = FileInfo("session", name, which == "retrieve_session", info.host_pid,
+                             info.host_pid, info.state_file, info.program)
+            number = caller.give_session(session, sinfo)
         finally:
-            os.close(fds[0])
-        call.answer(caller.mem, **{field: number})
-
-
-class SessionFile:
-    """One session fd ("[luo_session] NAME" in the kernel)."""
-
-    kind = "session"
-
-    def __init__(self, session: Session, device: DeviceFile) -> None:
-        self.session = session
-        self.name = session.name
-        self.incoming = session.incoming
-        self.host_pid = device.host_pid
-        self.liveupdate_number = device.liveupdate_number
-        self.stale: str | None = None
-
-    def socket_fd(self) -> int:
-        return self.session.fileno()
-
-    def close(self) -> None:
-        self.session.close()
-
-    def went_away(self, why: str) -> None:
-        self.stale = why
-        self.session.detach()
-
-    def _call(self, fn: Any, *args: Any) -> Any:
-        if self.stale:
-            raise stale_error(f"session {self.name!r}", self.stale)
+            os.close(session)
+        call.answer(caller.mem, f1=number)
+    elif op is abi.FD_PRESERVE:  # RFC v2: the kernel assigns the token
+        fd, flags, _token = call.fields
+        if flags:
+            raise LuoError(errno.EINVAL, f"FD_PRESERVE: flags {flags:#x} are not zero (RFC v2 defines none)")
+        call.answer(caller.mem)
+        mine = caller.take_fd(fd)
         try:
-            return fn(*args)
-        except LuoError as e:
-            if e.errno == errno.ENOTCONN:
-                self.went_away("its connection ended")
-                raise stale_error(f"session {self.name!r}", self.stale or "") from None
-            raise
+            reply, _ = request(sock, info, {"op": "preserve_fd"}, (mine,))
+        finally:
+            os.close(mine)
+        call.answer(caller.mem, f2=int(reply["token"]))
+    elif op is abi.FD_UNPRESERVE:
+        request(sock, info, {"op": "unpreserve_fd", "token": call.fields[0]})
+    elif op is abi.FD_RESTORE:
+        _fd, flags, token = call.fields
+        if flags:
+            raise LuoError(errno.EINVAL, f"FD_RESTORE: flags {flags:#x} are not zero (RFC v2 defines none)")
+        call.answer(caller.mem)
+        _, fds = request(sock, info, {"op": "restore_fd", "token": token})
+        _give_answer(call, caller, _one_fd("restore_fd", fds), "f0")
+    elif op is abi.GET_STATE:
+        call.answer(caller.mem, f0=_state(sock, info))
+    elif op.cmd in abi.EVENTS:
+        request(sock, info, {"op": abi.EVENTS[op.cmd]})
+    else:
+        raise LuoError(errno.ENOTTY, f"{op.name} is not a /dev/liveupdate ioctl")
 
-    def serve(self, call: Call, caller: Caller) -> None:
-        op = call.op
-        if op is abi.PRESERVE_FD:
-            _size, fd, token = call.fields
-            if self.incoming:  # v7.2: files are added only to a session this host created
-                raise LuoError(errno.EINVAL, f"session {self.name!r} was retrieved: files cannot be added to it")
-            mine = caller.take_fd(fd)
-            try:
-                self._call(self.session.preserve_fd, mine, token)
-            finally:
-                os.close(mine)
-        elif op is abi.RETRIEVE_FD:
-            _size, _fd, token = call.fields
-            if not self.incoming:
-                raise LuoError(errno.EINVAL, f"session {self.name!r} was created here: nothing to retrieve")
-            call.answer(caller.mem)
-            fd = self._call(self.session.retrieve_fd, token)
-            try:
-                number = caller.give_fd(fd)
-            finally:
-                os.close(fd)
-            call.answer(caller.mem, f1=number)
-        elif op is abi.FINISH:
-            _size, reserved = call.fields
-            if reserved:  # v7.3
-                raise LuoError(errno.EINVAL, f"FINISH: reserved is {reserved:#x}, not zero")
-            if not self.incoming:
-                raise LuoError(errno.EINVAL, f"session {self.name!r} was created here: nothing to finish")
-            self._call(self.session.finish)
-        elif op is abi.GET_NAME:
-            if self.stale:
-                raise stale_error(f"session {self.name!r}", self.stale)
-            call.answer(caller.mem, f2=c_name_bytes(self.name))
-        else:
-            raise LuoError(errno.ENOTTY, f"{op.name} is not a session ioctl")
+
+def _state(sock: socket.socket, info: FileInfo) -> int:
+    """The state luod publishes in ``<runtime>/state`` before it answers any event (the kernel's
+    sysfs file): read there, GET_STATE costs no round trip. A stale device still says ENODEV."""
+    if info.host_pid != _current_host(info):
+        reply, _ = request(sock, info, {"op": "get_state"})
+        return int(reply["state"])
+    try:
+        with open(info.state_file) as f:
+            return State[f.read().strip().upper()].value
+    except (OSError, KeyError):
+        reply, _ = request(sock, info, {"op": "get_state"})
+        return int(reply["state"])
+
+
+def _current_host(info: FileInfo) -> int:
+    try:
+        return int((info.state_file.parent / "luod.pid").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _give_answer(call: Call, caller: Caller, fd: int, field: str) -> None:
+    try:
+        number = caller.give_fd(fd)
+    finally:
+        os.close(fd)
+    call.answer(caller.mem, **{field: number})
+
+
+def serve_session(sock: socket.socket, info: FileInfo, call: Call, caller: Caller) -> None:
+    op = call.op
+    if op is abi.PRESERVE_FD:
+        _size, fd, token = call.fields
+        if info.incoming:  # v7.2: files are added only to a session this host created
+            raise LuoError(errno.EINVAL, f"session {info.name!r} was retrieved: files cannot be added to it")
+        mine = caller.take_fd(fd)
+        try:
+            request(sock, info, {"op": "preserve_fd", "token": token}, (mine,))
+        finally:
+            os.close(mine)
+    elif op is abi.RETRIEVE_FD:
+        _size, _fd, token = call.fields
+        if not info.incoming:
+            raise LuoError(errno.EINVAL, f"session {info.name!r} was created here: nothing to retrieve")
+        call.answer(caller.mem)
+        _, fds = request(sock, info, {"op": "retrieve_fd", "token": token})
+        _give_answer(call, caller, _one_fd("retrieve_fd", fds), "f1")
+    elif op is abi.FINISH:
+        _size, reserved = call.fields
+        if reserved:  # v7.3
+            raise LuoError(errno.EINVAL, f"FINISH: reserved is {reserved:#x}, not zero")
+        if not info.incoming:
+            raise LuoError(errno.EINVAL, f"session {info.name!r} was created here: nothing to finish")
+        request(sock, info, {"op": "finish"})
+    elif op is abi.GET_NAME:
+        call.answer(caller.mem, f2=c_name_bytes(info.name))
+    else:
+        raise LuoError(errno.ENOTTY, f"{op.name} is not a session ioctl")
+
+
+def open_device(runtime_dir: Path, program: str) -> tuple[socket.socket, FileInfo]:
+    """A control connection holding the host's /dev/liveupdate, and what to remember of it."""
+    from luo.client.connection import open_socket
+
+    state_file = runtime_dir / "state"
+    try:
+        sock = open_socket(runtime_dir / "liveupdate")
+    except LuoError as e:
+        if e.errno == errno.ECONNREFUSED:  # no host: as a kernel booted without liveupdate=on
+            raise LuoError(errno.ENOENT, f"no /dev/liveupdate: {e.message}") from None
+        raise
+    try:
+        info = FileInfo("device", abi.DEVICE_PATH, False, 0, peer_pid(sock), state_file, program)
+        reply, _ = request(sock, info, {"op": "open_device", "program": program})
+    except BaseException:
+        sock.close()
+        raise
+    return sock, FileInfo("device", abi.DEVICE_PATH, False, int(reply.get("pid", 0)), info.peer_pid,
+                          state_file, program)

@@ -1,16 +1,14 @@
 """The notification loop of ``luo run``: one thread, one epoll, one notification at a time.
 
-Watched fds:
+Watched fds: the seccomp listener (a call to serve, or EPOLLHUP when no supervised process is
+left), the supervisor's control socket (``luo.uapi.control``) and, while it runs, the main
+program's pidfd.
 
-- the seccomp listener: a call to serve (EPOLLIN), or no supervised process left (EPOLLHUP);
-- our end of each placeholder socket pair: the program's end is its /dev/liveupdate or session
-  fd; EOF means the program closed its last copy (or every holder died), so the file is closed;
-- each luod connection: EOF while idle means that host is gone, and the file goes stale.
-
-A placeholder is recognised in any process of the program, whatever its fd number, by the
-identity (st_dev, st_ino) of the socket behind ``/proc/TID/fd/N``. Every call is answered
-exactly once: served, refused with an errno, or continued (the kernel runs it itself) when it
-is not ours: another path, another fd.
+The program's /dev/liveupdate and session fds are luod's own sockets (see ``luo.uapi.device``),
+recognised in any process of the program, whatever their fd number, by the identity
+(st_dev, st_ino) behind ``/proc/TID/fd/N``. Every call is answered exactly once: served, refused
+with an errno, or continued (the kernel runs it itself) when it is not ours: another path,
+another fd.
 """
 
 from __future__ import annotations
@@ -20,13 +18,13 @@ import logging
 import os
 import select
 import socket
-from dataclasses import dataclass
+from pathlib import Path
 
 from luo.client.connection import Connection
 from luo.errors import LuoError
 from luo.uapi import abi, ioctls
-from luo.uapi.control import ControlSocket
-from luo.uapi.device import DeviceFile, SessionFile
+from luo.uapi.control import ControlSocket, holders
+from luo.uapi.device import FileInfo, open_device, peer_pid, serve_device, serve_session
 from luo.uapi.procmem import Target
 from luo.uapi.seccomp import (
     NR_FALLOCATE,
@@ -43,22 +41,13 @@ from luo.uapi.seccomp import (
 
 log = logging.getLogger("luo.run")
 
-File = DeviceFile | SessionFile
 _U32 = 0xFFFFFFFF
+SWEEP_AT = 1024  # remembered files before the first sweep for ones no process holds any more
 
 
 def _s32(v: int) -> int:
     v &= _U32
     return v - (1 << 32) if v & 0x80000000 else v
-
-
-@dataclass
-class Placeholder:
-    """Our end of the pair whose other end the program holds as a /dev/liveupdate or session fd."""
-
-    ours: socket.socket
-    identity: tuple[int, int]  # (st_dev, st_ino) of the program's end
-    file: File
 
 
 class Notification:
@@ -117,21 +106,20 @@ class CallerView:
     def give_fd(self, fd: int) -> int:
         return self.sup.listener.add_fd(self.n.nid, fd, cloexec=True)
 
-    def give_file(self, file: SessionFile) -> int:
-        return self.sup.install(self.n, file, cloexec=True, send=False)
+    def give_session(self, sock: int, info: FileInfo) -> int:
+        return self.sup.install(self.n, sock, info, cloexec=True, send=False)
 
 
 class Supervisor:
     def __init__(self, listener_fd: int, runtime_dir: str, program: str) -> None:
         self.listener = Listener(listener_fd)
         self.listener.enable_sync_wakeup()
-        self.runtime_dir = runtime_dir
+        self.runtime_dir = Path(runtime_dir)
         self.program = program
         self.ep = select.epoll()
         self.ep.register(listener_fd, select.EPOLLIN)
-        self.by_identity: dict[tuple[int, int], Placeholder] = {}
-        self.by_ours: dict[int, Placeholder] = {}  # our end's fd -> placeholder
-        self.by_host_sock: dict[int, Placeholder] = {}  # luod socket fd -> placeholder
+        self.files: dict[tuple[int, int], FileInfo] = {}  # (st_dev, st_ino) of a socket we gave out
+        self.sweep_at = SWEEP_AT
         self.extra: dict[int, object] = {}  # other fds in the epoll (the main program's pidfd)
         self.listener_gone = False
         self._query: Connection | None = None
@@ -141,16 +129,16 @@ class Supervisor:
     def listen(self) -> None:
         """Open ``<runtime>/run/PID.sock`` (status, reboot); a dir we may not write only costs that."""
         try:
-            self.control = ControlSocket(self.runtime_dir)
+            self.control = ControlSocket(str(self.runtime_dir))
         except OSError as e:
             log.warning("luo run: no control socket in %s/run: %s", self.runtime_dir, e.strerror)
             return
         self.ep.register(self.control.fileno(), select.EPOLLIN)
 
     def describe(self) -> dict[str, object]:
-        files = [{"kind": ph.file.kind, "name": getattr(ph.file, "name", abi.DEVICE_PATH),
-                  "incoming": getattr(ph.file, "incoming", False), "host_pid": ph.file.host_pid,
-                  "stale": ph.file.stale} for ph in self.by_identity.values()]
+        self.sweep()
+        files = [{"kind": i.kind, "name": i.name, "incoming": i.incoming, "host_pid": i.host_pid}
+                 for i in self.files.values()]
         return {"program": self.program, "files": files, "served": self.served}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -166,10 +154,6 @@ class Supervisor:
                     self.ep.unregister(fd)
             elif self.control is not None and fd == self.control.fileno():
                 self.control.serve_one(self)
-            elif fd in self.by_ours:
-                self.on_placeholder(self.by_ours[fd], ev)
-            elif fd in self.by_host_sock:
-                self.on_host_sock(self.by_host_sock[fd], ev)
             elif fd in self.extra:
                 other.append((fd, ev))
         return other
@@ -181,92 +165,53 @@ class Supervisor:
         self.close_all()
 
     def close_all(self) -> None:
-        for ph in list(self.by_ours.values()):
-            self.drop(ph)
+        self.files.clear()
         if self.control is not None:
             self.control.close()
             self.control = None
 
-    # -- placeholders --------------------------------------------------------------------------
-    def install(self, n: Notification, file: File, cloexec: bool, send: bool) -> int:
-        """Give the caller a new fd standing for ``file``; returns its number there."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            st = os.fstat(theirs.fileno())
-            number = self.listener.add_fd(n.nid, theirs.fileno(), cloexec=cloexec, send=send)
-        except BaseException:
-            ours.close()
-            file.close()
-            raise
-        finally:
-            theirs.close()
+    # -- the files we gave out -----------------------------------------------------------------
+    def install(self, n: Notification, sock: int, info: FileInfo, cloexec: bool, send: bool) -> int:
+        """Put ``sock`` into the caller; returns its number there. The caller's copy is the only
+        one once ours is closed, so its close is the file's close, as with a kernel fd."""
+        st = os.fstat(sock)
+        number = self.listener.add_fd(n.nid, sock, cloexec=cloexec, send=send)
         if send:
             n.answered = True
-        ph = Placeholder(ours, (st.st_dev, st.st_ino), file)
-        ours.setblocking(False)
-        self.by_identity[ph.identity] = ph
-        self.by_ours[ours.fileno()] = ph
-        self.ep.register(ours.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-        host_fd = file.socket_fd()
-        if host_fd >= 0:
-            self.by_host_sock[host_fd] = ph
-            self.ep.register(host_fd, select.EPOLLIN | select.EPOLLRDHUP)
-        log.info("%s %s -> fd %d in tid %d", file.kind, getattr(file, "name", abi.DEVICE_PATH), number, n.tid)
+        self.files[(st.st_dev, st.st_ino)] = info
+        log.info("%s %s -> fd %d in tid %d", info.kind, info.name, number, n.tid)
+        if len(self.files) >= self.sweep_at:
+            self.sweep()
         return number
 
-    def on_placeholder(self, ph: Placeholder, ev: int) -> None:
-        if ev & select.EPOLLIN and not ev & (select.EPOLLHUP | select.EPOLLRDHUP):
-            self._drain(ph)  # the program wrote into its fd: nothing there is for us
-            return
-        self.drop(ph)
+    def sweep(self) -> None:
+        """Forget files no process holds any more (they were closed: nothing to serve)."""
+        held = holders({ino for _dev, ino in self.files})
+        inodes = set().union(*held.values()) if held else set()
+        self.files = {k: v for k, v in self.files.items() if k[1] in inodes}
+        self.sweep_at = max(SWEEP_AT, 2 * len(self.files))
 
-    def _drain(self, ph: Placeholder) -> None:
+    def lookup(self, n: Notification, fd: int) -> tuple[socket.socket, FileInfo] | None:
+        """The caller's ``fd`` as our socket, if it is one we gave out (same inode, same peer)."""
+        identity = n.target.fd_identity(fd)
+        info = self.files.get(identity) if identity is not None else None
+        if info is None:
+            return None
+        if not n.attach():
+            return None
         try:
-            while True:
-                data, anc, _flags, _ = ph.ours.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
-                for level, kind, payload in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        for i in range(0, len(payload) - len(payload) % 4, 4):
-                            os.close(int.from_bytes(payload[i:i + 4], "little"))
-                if not data:
-                    self.drop(ph)
-                    return
-        except BlockingIOError:
-            return
+            mine = CallerView(self, n).take_fd(fd)
+        except LuoError:
+            return None
+        sock = socket.socket(fileno=mine)
+        try:
+            st = os.fstat(mine)
+            if (st.st_dev, st.st_ino) == identity and peer_pid(sock) == info.peer_pid:
+                return sock, info
         except OSError:
-            self.drop(ph)
-
-    def drop(self, ph: Placeholder) -> None:
-        """The program closed the file: close it here too (unpreserve, finish, release the device)."""
-        fd = ph.ours.fileno()
-        if fd in self.by_ours:
-            del self.by_ours[fd]
-            self.ep.unregister(fd)
-        self.by_identity.pop(ph.identity, None)
-        self._forget_host_sock(ph)
-        ph.ours.close()
-        what = getattr(ph.file, "name", abi.DEVICE_PATH)
-        if ph.file.stale:
-            log.info("%s %s closed (stale: nothing changes on the host)", ph.file.kind, what)
-        else:
-            log.info("%s %s closed", ph.file.kind, what)
-        ph.file.close()
-
-    def _forget_host_sock(self, ph: Placeholder) -> None:
-        for hfd, other in list(self.by_host_sock.items()):
-            if other is ph:
-                del self.by_host_sock[hfd]
-                try:
-                    self.ep.unregister(hfd)
-                except (KeyError, ValueError, OSError):
-                    pass
-
-    def on_host_sock(self, ph: Placeholder, ev: int) -> None:
-        """luod spoke while no request was pending: its end closed (the host is gone)."""
-        self._forget_host_sock(ph)
-        log.info("%s %s: its luo host (pid %d) is gone", ph.file.kind, getattr(ph.file, "name", abi.DEVICE_PATH),
-                 ph.file.host_pid)
-        ph.file.went_away(f"host pid {ph.file.host_pid} ended: live update or exit")
+            pass
+        sock.close()
+        return None
 
     # -- calls ---------------------------------------------------------------------------------
     def on_notification(self) -> None:
@@ -315,18 +260,20 @@ class Supervisor:
                 return n.proceed()
         if n.target.resolve(dirfd, path) != abi.DEVICE_PATH:
             return n.proceed()
-        device = DeviceFile.open(self.runtime_dir, self._program(n.tid))
-        self.install(n, device, cloexec=bool(flags & os.O_CLOEXEC), send=True)
+        sock, info = open_device(self.runtime_dir, self._program(n.tid))
+        with sock:
+            self.install(n, sock.fileno(), info, cloexec=bool(flags & os.O_CLOEXEC), send=True)
 
     def on_ioctl(self, n: Notification) -> None:
         fd, cmd, argp = _s32(n.args[0]), n.args[1] & _U32, n.args[2]
-        ph = self.by_identity.get(n.target.fd_identity(fd) or (0, 0)) if fd >= 0 else None
-        if ph is None:
+        found = self.lookup(n, fd) if fd >= 0 else None
+        if found is None:
             return n.proceed()  # an fd that is not ours: the kernel answers (ENOTTY, or its driver)
-        if not n.attach():
-            return n.proceed()
-        call = ioctls.decode(ph.file.kind, cmd, argp, n.target)  # type: ignore[arg-type]
-        ph.file.serve(call, CallerView(self, n))
+        sock, info = found
+        with sock:
+            call = ioctls.decode(info.kind, cmd, argp, n.target)
+            serve = serve_device if info.kind == "device" else serve_session
+            serve(sock, info, call, CallerView(self, n))
         n.succeed(0)
 
     def on_resize(self, n: Notification) -> None:
@@ -348,7 +295,7 @@ class Supervisor:
     def _preserved(self, identity: tuple[int, int]) -> bool:
         for attempt in (0, 1):
             if self._query is None:
-                self._query = Connection(self.runtime_dir)
+                self._query = Connection(str(self.runtime_dir))
             try:
                 reply, _ = self._query.call({"op": "preserved_size", "dev": identity[0], "ino": identity[1]})
                 return bool(reply.get("preserved"))
