@@ -15,7 +15,8 @@
 #define MANY_SESSIONS 200
 #define MANY_FILES 200
 
-static char *bad_page; /* a PROT_NONE page: reading it faults */
+static char *bad_page;  /* a PROT_NONE page: reading it faults */
+static char *gone_page; /* an address with nothing mapped */
 
 static int open_dev_flags(int flags)
 {
@@ -114,12 +115,13 @@ static void check_size_rules_device(int dev)
 	struct luo_session_req *req = (struct luo_session_req *)big;
 	int fd;
 
-	EXPECT_ERR(ioctl(dev, LUO_IOC_CREATE_SESSION, bad_page), EFAULT,
-		   "CREATE_SESSION with an unreadable struct gives EFAULT");
 	EXPECT_ERR(ioctl(dev, LUO_IOC_CREATE_SESSION, NULL), EFAULT, "CREATE_SESSION with NULL gives EFAULT");
-	/* the size is the last readable u32 before the bad page: the rest is unreadable */
-	EXPECT_ERR(ioctl(dev, LUO_IOC_RETRIEVE_SESSION, bad_page), EFAULT,
-		   "RETRIEVE_SESSION with an unreadable struct gives EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_IOC_CREATE_SESSION, gone_page), EFAULT,
+		   "CREATE_SESSION with a struct at an unmapped address gives EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_IOC_RETRIEVE_SESSION, gone_page), EFAULT,
+		   "RETRIEVE_SESSION with a struct at an unmapped address gives EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_IOC_CREATE_SESSION, bad_page), EFAULT,
+		   "CREATE_SESSION with a struct in a PROT_NONE page gives EFAULT");
 
 	memset(big, 0, sizeof(big));
 	req->size = 71;
@@ -176,7 +178,8 @@ static void check_size_rules_session(int dev)
 	if (m < 0)
 		luo_bail("memfd");
 
-	EXPECT_ERR(ioctl(s, LUO_SESSION_PRESERVE_FD, bad_page), EFAULT, "PRESERVE_FD with an unreadable struct: EFAULT");
+	EXPECT_ERR(ioctl(s, LUO_SESSION_PRESERVE_FD, gone_page), EFAULT, "PRESERVE_FD with a struct at an unmapped address: EFAULT");
+	EXPECT_ERR(ioctl(s, LUO_SESSION_PRESERVE_FD, bad_page), EFAULT, "PRESERVE_FD with a struct in a PROT_NONE page: EFAULT");
 	EXPECT_ERR(ioctl(s, LUO_SESSION_GET_NAME, NULL), EFAULT, "GET_NAME with NULL: EFAULT");
 	memset(buf, 0, sizeof(buf));
 	req->fd = m;
@@ -441,7 +444,8 @@ int main(int argc, char **argv)
 	}
 
 	bad_page = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (bad_page == MAP_FAILED)
+	gone_page = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (bad_page == MAP_FAILED || gone_page == MAP_FAILED || munmap(gone_page, 4096) < 0)
 		luo_bail("mmap");
 
 	check_open();

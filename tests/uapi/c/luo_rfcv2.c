@@ -49,16 +49,20 @@ int main(void)
 {
 	__u64 t1 = 0, t2 = 0, t3 = 0;
 	int dev, m1, m2, m3, null, s;
-	char *bad;
+	char *bad, *gone;
 
 	luo_setup_output();
 	bad = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	gone = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (bad == MAP_FAILED || gone == MAP_FAILED || munmap(gone, 4096) < 0)
+		luo_bail("mmap");
 	dev = luo_open_dev();
 	if (dev < 0)
 		luo_bail("open " LUO_DEV_PATH);
 
 	expect_state(dev, LUO_V2_STATE_NORMAL, "at start");
-	EXPECT_ERR(ioctl(dev, LUO_V2_GET_STATE, bad), EFAULT, "GET_STATE into an unwritable page: EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_V2_GET_STATE, gone), EFAULT, "GET_STATE into an unmapped address: EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_V2_GET_STATE, bad), EFAULT, "GET_STATE into a PROT_NONE page: EFAULT");
 
 	m1 = luo_memfd("v2-a", 21, 4096);
 	m2 = luo_memfd("v2-b", 22, 0);
@@ -75,7 +79,8 @@ int main(void)
 	EXPECT_ERR(v2_preserve(dev, null, NULL), ENOENT, "FD_PRESERVE of /dev/null (no handler): ENOENT");
 	close(null);
 	EXPECT_ERR(v2_preserve(dev, 9999, NULL), EBADF, "FD_PRESERVE of a closed fd number: EBADF");
-	EXPECT_ERR(ioctl(dev, LUO_V2_FD_PRESERVE, bad), EFAULT, "FD_PRESERVE with an unreadable struct: EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_V2_FD_PRESERVE, gone), EFAULT, "FD_PRESERVE with a struct at an unmapped address: EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_V2_FD_PRESERVE, bad), EFAULT, "FD_PRESERVE with a struct in a PROT_NONE page: EFAULT");
 
 	EXPECT_ERR(v2_restore(dev, t1), EBUSY, "FD_RESTORE in the normal state: EBUSY");
 	EXPECT_ERR(v2_unpreserve(dev, 0x7777777777ull), ENOENT, "FD_UNPRESERVE of an unknown token: ENOENT");
@@ -118,7 +123,8 @@ int main(void)
 	EXPECT_ERR(v2_unpreserve(dev, t1), ENOENT, "FD_UNPRESERVE of the same token again: ENOENT");
 	EXPECT_OK(v2_unpreserve(dev, t2), "FD_UNPRESERVE the second token");
 	EXPECT_OK(v2_unpreserve(dev, t3), "FD_UNPRESERVE the third token");
-	EXPECT_ERR(ioctl(dev, LUO_V2_FD_UNPRESERVE, bad), EFAULT, "FD_UNPRESERVE with an unreadable token: EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_V2_FD_UNPRESERVE, gone), EFAULT, "FD_UNPRESERVE with the token at an unmapped address: EFAULT");
+	EXPECT_ERR(ioctl(dev, LUO_V2_FD_UNPRESERVE, bad), EFAULT, "FD_UNPRESERVE with the token in a PROT_NONE page: EFAULT");
 	EXPECT_OK(v2_preserve(dev, m1, &t1), "an unpreserved memfd can be preserved again");
 	EXPECT_OK(v2_unpreserve(dev, t1), "and unpreserved again");
 	expect_state(dev, LUO_V2_STATE_NORMAL, "at the end");

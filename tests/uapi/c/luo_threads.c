@@ -49,13 +49,16 @@ static void *work(void *arg)
 			w->failed = 1;
 			return NULL;
 		}
-		if (ftruncate(m, 1) == 0 || errno != EPERM) {
-			snprintf(w->why, sizeof(w->why), "%s: file %d is not frozen", name, j);
+		int tr = ftruncate(m, 1);
+
+		if ((tr == 0 || errno != EPERM) && !w->failed) {
+			snprintf(w->why, sizeof(w->why), "%s: file %d is not frozen (ftruncate: %s)", name, j,
+				 tr == 0 ? "succeeded" : luo_errname(errno));
 			w->failed = 1;
 		}
 		close(m);
 	}
-	if (luo_get_name(w->session, got) < 0 || strcmp(got, name) != 0) {
+	if ((luo_get_name(w->session, got) < 0 || strcmp(got, name) != 0) && !w->failed) {
 		snprintf(w->why, sizeof(w->why), "GET_NAME of %s gave %.64s", name, got);
 		w->failed = 1;
 	}
