@@ -108,10 +108,12 @@ def serve_device(sock: socket.socket, info: FileInfo, call: Call, caller: Caller
         name = c_name(call.fields[2])
         call.answer(caller.mem)  # the kernel fails with EFAULT before creating anything
         which = "create_session" if op is abi.CREATE_SESSION else "retrieve_session"
-        _, fds = request(sock, info, {"op": which, "name": name, "program": info.program})
+        reply, fds = request(sock, info, {"op": which, "name": name, "program": info.program})
         session = _one_fd(which, fds)
+        # a session luod held for its owner since a crash comes back as what it was: outgoing
+        incoming = which == "retrieve_session" and not reply.get("recovered")
         try:
-            sinfo = FileInfo("session", name, which == "retrieve_session", info.host_pid,
+            sinfo = FileInfo("session", name, incoming, info.host_pid,
                              info.host_pid, info.state_file, info.program)
             number = caller.give_session(session, sinfo)
         finally:
