@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import pytest
@@ -41,6 +42,12 @@ class World:
         self.files[fd] = FakeFile(kind, content)
         return fd
 
+    def alias(self, fd: int) -> int:
+        """Another fd for the same fake file (a dup, or an SCM_RIGHTS copy as the host receives)."""
+        new = next(self._fds)
+        self.files[new] = self.files[fd]
+        return new
+
     def ops(self, *kinds: str) -> list[Entry]:
         """The log entries whose operation is one of ``kinds`` (all when none given)."""
         return [e for e in self.log if not kinds or e[1] in kinds]
@@ -70,6 +77,13 @@ class RecHandler(FileHandler):
     def can_preserve(self, fd: int) -> bool:
         f = self.world.files.get(fd)
         return f is not None and f.kind == self.kind
+
+    def identity(self, fd: int) -> Hashable:
+        """The fake file itself, as luo's handlers answer an inode: every alias of it is one file."""
+        return ("fake", id(self.world.files[fd]))
+
+    def recorded_size(self, data: int) -> int:
+        return data
 
     def preserve(self, pf: PreservedFile) -> int:
         self._call("preserve", pf.token, pf.session)

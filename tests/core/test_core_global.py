@@ -322,7 +322,6 @@ def test_subsystem_data_in_normal_is_enoent() -> None:
         (LuoRecord(1, sessions=(SessionRecord("n" * 64),)), 0),
         (LuoRecord(1, sessions=(SessionRecord(""),)), 0),
         (LuoRecord(1, sessions=(SessionRecord("s", (FileRecord(1, "m", 0, 0), FileRecord(1, "m", 0, 1))),)), 2),
-        (LuoRecord(1, sessions=(SessionRecord("s", tuple(FileRecord(i, "m", 0, i) for i in range(129))),)), 129),
     ],
 )
 def test_malformed_incoming_is_refused_cleanly(world: World, record: LuoRecord, nfds: int) -> None:

@@ -109,16 +109,94 @@ def test_session_token_unique_in_session_only(world: World, orch: Orchestrator) 
     assert err(exc) == errno.EEXIST
 
 
-def test_128_files_then_enospc(world: World, orch: Orchestrator) -> None:
+def test_no_limit_on_files_or_sessions(world: World, orch: Orchestrator) -> None:
+    """v7.2 dropped 6.19's 128 files per session (ENOSPC) and its ~744 sessions."""
     h = orch.create_session("big")
-    for t in range(128):
+    for t in range(1000):
         h.preserve_fd(world.new_file(), t)
+    for i in range(2000):
+        orch.create_session(f"s{i}").preserve_fd(world.new_file(), 0)
+    assert len(h.tokens) == 1000 and len(orch.status()["sessions"]) == 2001  # type: ignore[arg-type]
+
+
+# -- one file, preserved once (v7.2: EBUSY) --------------------------------------------------
+
+
+def test_same_file_twice_is_ebusy_anywhere(world: World, orch: Orchestrator) -> None:
+    fd = world.new_file()
+    a, b = orch.create_session("a"), orch.create_session("b")
+    a.preserve_fd(fd, 1)
     world.clear()
+    for attempt in (lambda: a.preserve_fd(world.alias(fd), 2),  # same session, other token
+                    lambda: b.preserve_fd(world.alias(fd), 1),  # another session
+                    lambda: orch.preserve_fd(world.alias(fd))):  # the RFC v2 global table
+        with pytest.raises(LuoError) as exc:
+            attempt()
+        assert err(exc) == errno.EBUSY
+        assert "already preserves" in exc.value.message and "session 'a'" in exc.value.message
+    assert world.log == []  # refused before the handler's preserve
+    assert a.tokens == [1] and b.tokens == []
+
+
+def test_ebusy_after_eexist_and_enoent(world: World, orch: Orchestrator) -> None:
+    """The kernel's order: token in use (EEXIST), then no handler (ENOENT), then EBUSY."""
+    fd = world.new_file()
+    s = orch.create_session("s")
+    s.preserve_fd(fd, 1)
     with pytest.raises(LuoError) as exc:
-        h.preserve_fd(world.new_file(), 128)
-    assert err(exc) == errno.ENOSPC
-    assert world.log == []
-    assert len(h.tokens) == 128
+        s.preserve_fd(world.alias(fd), 1)
+    assert err(exc) == errno.EEXIST
+    with pytest.raises(LuoError) as exc:
+        s.preserve_fd(world.new_file(kind="devnull"), 2)
+    assert err(exc) == errno.ENOENT
+
+
+def test_file_is_free_again_once_unpreserved(world: World, orch: Orchestrator) -> None:
+    fd = world.new_file()
+    token = orch.preserve_fd(fd)
+    s = orch.create_session("s")
+    with pytest.raises(LuoError):
+        s.preserve_fd(world.alias(fd), 1)
+    orch.unpreserve_fd(token)
+    s.preserve_fd(world.alias(fd), 1)  # free after unpreserve
+    orch.close_session(s)
+    orch.create_session("t").preserve_fd(world.alias(fd), 1)  # and after its session closed
+
+
+def test_failed_preserve_leaves_the_file_free(world: World) -> None:
+    h = RecHandler(world)
+    h.fail[("preserve", 5)] = errno.EIO
+    orch = Orchestrator([h])
+    fd = world.new_file()
+    with pytest.raises(LuoError):
+        orch.create_session("s").preserve_fd(fd, 5)
+    orch.create_session("t").preserve_fd(world.alias(fd), 6)
+
+
+def test_retrieved_file_may_be_preserved_again(world: World) -> None:
+    """Incoming files do not count: as in the kernel, where retrieve gives a new struct file."""
+    orch, _, fds = incoming(world, ("vm1", (1,)))
+    orch.retrieve_session("vm1").retrieve_fd(1)
+    nxt = orch.create_session("vm1-next")
+    nxt.preserve_fd(world.alias(fds[0]), 1)  # the very file that came in, before vm1 is finished
+    with pytest.raises(LuoError) as exc:
+        orch.create_session("other").preserve_fd(world.alias(fds[0]), 1)
+    assert err(exc) == errno.EBUSY  # but once preserved again, it is preserved
+
+
+def test_preserved_size(world: World) -> None:
+    orch, _, fds = incoming(world, ("vm1", (1,)))
+    ident = ("fake", id(world.files[fds[0]]))
+    assert orch.preserved_size(ident) == (True, 1)  # incoming, not retrieved: frozen
+    h = orch.retrieve_session("vm1")
+    h.retrieve_fd(1)
+    assert orch.preserved_size(ident) == (True, 1)  # retrieved, not finished: still frozen
+    h.finish()
+    assert orch.preserved_size(ident) == (False, None)
+    fd = world.new_file()
+    orch.create_session("out").preserve_fd(fd, 7)
+    assert orch.preserved_size(("fake", id(world.files[fd]))) == (True, 1007)  # RecHandler's data
+    assert orch.preserved_size(("fake", 0)) == (False, None)
 
 
 def test_session_preserve_no_handler(world: World, orch: Orchestrator) -> None:
@@ -190,10 +268,28 @@ def test_close_outgoing_during_update_is_ebusy(world: World, orch: Orchestrator,
 def test_closed_handle_is_ebadf(world: World, orch: Orchestrator) -> None:
     h = orch.create_session("vm1")
     orch.close_session(h)
-    for attempt in (lambda: h.preserve_fd(world.new_file(), 1), lambda: orch.close_session(h), h.finish):
+    for attempt in (lambda: h.preserve_fd(world.new_file(), 1), lambda: orch.close_session(h)):
         with pytest.raises(LuoError) as exc:
             attempt()
         assert err(exc) == errno.EBADF
+    with pytest.raises(LuoError) as exc:
+        h.finish()
+    assert err(exc) == errno.EINVAL  # v7.2: the session's type first: finish is never for a created one
+    assert h.get_name() == "vm1"
+
+
+def test_session_type_before_closed(world: World) -> None:
+    """v7.2: PRESERVE_FD only on a created session, also once a retrieved one is finished."""
+    orch, _, _ = incoming(world, ("vm1", (1,)))
+    h = orch.retrieve_session("vm1")
+    h.finish()
+    with pytest.raises(LuoError) as exc:
+        h.preserve_fd(world.new_file(), 2)
+    assert err(exc) == errno.EINVAL
+    with pytest.raises(LuoError) as exc:
+        h.retrieve_fd(1)
+    assert err(exc) == errno.EBADF
+    assert h.get_name() == "vm1"
 
 
 def test_handle_of_another_orchestrator(world: World, orch: Orchestrator) -> None:
@@ -249,6 +345,23 @@ def test_retrieve_fd_any_order_and_idempotent(world: World) -> None:
     assert len({a, b, c, *fds}) == 6  # every call makes a new fd
     assert world.files[a].content == world.files[c].content == "vm1:3"
     assert [e[3] for e in world.ops("retrieve")] == [3, 1, 3]
+
+
+def test_failed_retrieve_fails_the_same_way_again(world: World) -> None:
+    """v7.3: a failed RETRIEVE_FD returns the same error every later time, handler not asked again."""
+    orch, handler, _ = incoming(world, ("vm1", (1, 2)))
+    h = orch.retrieve_session("vm1")
+    handler.fail[("retrieve", 1)] = errno.EIO
+    with pytest.raises(LuoError) as first:
+        h.retrieve_fd(1)
+    del handler.fail[("retrieve", 1)]  # the cause is gone; the failure stays
+    world.clear()
+    for _ in range(2):
+        with pytest.raises(LuoError) as again:
+            h.retrieve_fd(1)
+        assert (again.value.errno, again.value.message) == (first.value.errno, first.value.message)
+    assert world.ops("retrieve") == []
+    assert h.retrieve_fd(2) >= 0  # the other file is not affected
 
 
 def test_retrieve_fd_unknown_is_enoent(world: World) -> None:

@@ -63,7 +63,8 @@ def test_kho_dump_matches_dtc(host: HostProcess) -> None:
     os.ftruncate(fd, 1 << 16)
     c.preserve_fd(fd)
     s = c.create_session("dump-session")
-    s.preserve_fd(fd, 5)
+    other = os.memfd_create("dump-me-too")  # one file is preserved once (v7.2)
+    s.preserve_fd(other, 5)
     host.update()
     ours = host.luo("kho", "dump", "--incoming").stdout
     raw = subprocess.run([sys.executable, "-m", "luo", "--runtime-dir", str(host.root), "kho", "dump", "--raw"],
@@ -156,12 +157,12 @@ def test_errnos_cross_the_socket(host: HostProcess) -> None:
     assert err(lambda: c.retrieve_session("nope")) == errno.ENOENT
     assert err(lambda: c.restore_fd(0)) == errno.EBUSY  # only in UPDATED
     assert err(lambda: c.unpreserve_fd(99)) == errno.ENOENT
-    fd = os.memfd_create("limit", os.MFD_ALLOW_SEALING)
-    for token in range(128):
-        s.preserve_fd(fd, token)
-    assert err(lambda: s.preserve_fd(fd, 128)) == errno.ENOSPC
-    assert err(lambda: s.preserve_fd(fd, 5)) == errno.EEXIST
-    unsealable = os.memfd_create("no-sealing")  # MFD_ALLOW_SEALING missing: size cannot be frozen
-    assert err(lambda: c.preserve_fd(unsealable)) == errno.EPERM
+    for token in range(129):  # no limit of 128 files per session any more (v7.2)
+        s.preserve_fd(os.memfd_create(f"m{token}"), token)  # flags 0: any memfd (as upstream)
+    fd = os.memfd_create("once")
+    s.preserve_fd(fd, 200)
+    assert err(lambda: s.preserve_fd(os.memfd_create("again"), 5)) == errno.EEXIST
+    assert err(lambda: s.preserve_fd(fd, 201)) == errno.EBUSY  # one file, preserved once (v7.2)
+    assert err(lambda: c.preserve_fd(fd)) == errno.EBUSY  # in the global table neither
     s.close()
     c.close()

@@ -141,6 +141,9 @@ def vm_name_good(r: random.Random) -> str:
 TOKEN = Field(u64_good, [-1, 2**64, 1.0, 0.5, True, False, "1", [], {}, [0], 10**4000, Raw("NaN"), Raw("1e999")])
 SESSION_NAME = Field(session_name_good, ["x" * 64, "é" * 32, "a\x00b", Raw('"\\ud800"'), *NOT_STRINGS, "x" * 5000])
 VM_NAME = Field(vm_name_good, ["", "-x", "../x", "a b", "a" * 49, "x\n", "x/y", *NOT_STRINGS])
+PROGRAM = Field(lambda r: r.choice(["", "selftest pid 123", "é" * 100]),
+                ["x" * 201, "é" * 101, "a\x00b", Raw('"\\ud800"'), *NOT_STRINGS])
+U64 = Field(u64_good, [-1, 2**64, 1.0, True, "1", [], {}, 10**4000, Raw("NaN")])
 TIMEOUT_BAD = [0, -1, 0.0, -0.5, 3601, 1e300, 10**4000, *NOT_NUMBERS, Raw("NaN"), Raw("Infinity"), Raw("1e999")]
 
 
@@ -160,8 +163,12 @@ TEMPLATES: dict[str, dict[str, Field]] = {
     "unpreserve_fd": {"token": TOKEN},
     "restore_fd": {"token": TOKEN},
     "retrieve_fd": {"token": TOKEN},
-    "create_session": {"name": SESSION_NAME},
-    "retrieve_session": {"name": SESSION_NAME},
+    "create_session": {"name": SESSION_NAME, "program": PROGRAM},
+    "retrieve_session": {"name": SESSION_NAME, "program": PROGRAM},
+    "get_name": {},
+    "open_device": {"program": PROGRAM},
+    "close_device": {},
+    "preserved_size": {"dev": U64, "ino": U64},
     "kho_dump": {"which": Field(lambda r: r.choice(["incoming", "outgoing"]),
                                 ["Incoming", "both", "", 1, True, [], {}, "incoming\x00"])},
     "wait_update": {"wait": Field(lambda r: r.choice([0.001, 0.01, 1]), TIMEOUT_BAD)},
@@ -190,7 +197,8 @@ TEMPLATES: dict[str, dict[str, Field]] = {
     },
 }
 REQUIRED = {"unpreserve_fd": {"token"}, "restore_fd": {"token"}, "retrieve_fd": {"token"},
-            "create_session": {"name"}, "retrieve_session": {"name"}, "vm_start": {"name"},
+            "create_session": {"name"}, "retrieve_session": {"name"}, "preserved_size": {"dev", "ino"},
+            "vm_start": {"name"},
             "vm_stop": {"name"}, "vm_register": {"name"}}
 SESSION_TOKEN_REQUIRED = {"preserve_fd"}  # on a session fd the token is required
 

@@ -90,9 +90,10 @@ def test_luod_recovers_from_systemds_fd_store(systemd: tuple[Manager, dict[str, 
     os.close(fd)
     assert c.status()["fd_store"]["kind"] == "systemd"
     assert keeper_pids(root) == []  # systemd holds the fds: no keeper
-    names = wait_for(lambda: (n := [name for name, _ in manager.store()]) and "luo-meta" in n and len(n) == 3 and n,
-                     10, "systemd to hold two fds and the record")
-    assert len(set(names)) == 3, names
+    # two fds, the crash record's snapshot (a memfd, luo.host.mirror) and the metadata naming them
+    names = wait_for(lambda: (n := [name for name, _ in manager.store()]) and "luo-meta" in n and len(n) == 4 and n,
+                     10, "systemd to hold two fds, the snapshot and the record")
+    assert len(set(names)) == 4 and sum(".snap" in name for name in names) == 1, names
 
     old = host.pid
     assert old is not None

@@ -69,18 +69,39 @@ class Client:
         self.call("finish")
 
     # -- sessions ----------------------------------------------------------------------
-    def _session(self, op: str, name: str) -> Session:
-        _, fds = self.call(op, name=name)
+    def _session(self, op: str, name: str, program: str | None) -> Session:
+        _, fds = self.call(op, name=name, program=program)
         if len(fds) != 1:
             raise LuoError(errno.EPROTO, f"host answered {op} without a session fd")
         sock = socket.socket(fileno=fds[0])
         return Session(name, sock, incoming=(op == "retrieve_session"))
 
-    def create_session(self, name: str) -> Session:
-        return self._session("create_session", name)
+    def create_session(self, name: str, program: str | None = None) -> Session:
+        """EINVAL for an empty or too long name, EEXIST for a name in use. ``program``: what this
+        client acts for (at most 200 bytes), shown in ``luo status`` as its claim."""
+        return self._session("create_session", name, program)
 
-    def retrieve_session(self, name: str) -> Session:
-        return self._session("retrieve_session", name)
+    def retrieve_session(self, name: str, program: str | None = None) -> Session:
+        """ENOENT for a name the previous host did not hand over, EINVAL if retrieved already."""
+        return self._session("retrieve_session", name, program)
+
+    # -- for luo run's /dev/liveupdate ---------------------------------------------------
+    def open_device(self, program: str | None = None) -> dict[str, Any]:
+        """Hold the host's /dev/liveupdate on this connection (EBUSY, naming the holder, while
+        another connection holds it). Returns ``{"pid": luod's pid, "liveupdate_number": N}``.
+        Released by ``close_device`` or when this connection closes (also when the host is
+        replaced by an update: hold it again on the new one)."""
+        reply, _ = self.call("open_device", program=program)
+        return {"pid": int(reply["pid"]), "liveupdate_number": int(reply["liveupdate_number"])}
+
+    def close_device(self) -> None:
+        self.call("close_device", retry=False)
+
+    def preserved_size(self, dev: int, ino: int) -> tuple[bool, int | None]:
+        """Whether the file of inode (``dev``, ``ino``) is frozen by LUO, and its recorded size."""
+        reply, _ = self.call("preserved_size", dev=int(dev), ino=int(ino))
+        size = reply.get("size")
+        return bool(reply["preserved"]), None if size is None else int(size)
 
     # -- host --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -47,8 +47,15 @@ class Session:
             raise LuoError(errno.EPROTO, "host answered retrieve_fd without an fd")
         return fds[0]
 
-    def finish(self) -> None:
-        self._call({"op": "finish"})
+    def finish(self, reserved: int = 0) -> None:
+        """Finish a retrieved session (EINVAL on a created one). ``reserved`` is FINISH's reserved
+        field: non-zero is EINVAL (v7.3)."""
+        self._call({"op": "finish", "reserved": int(reserved)})
+
+    def get_name(self) -> str:
+        """The session's name as the host knows it (v7.2 GET_NAME), created or retrieved."""
+        reply, _ = self._call({"op": "get_name"})
+        return str(reply["name"])
 
     def status(self) -> dict:
         reply, _ = self._call({"op": "status"})

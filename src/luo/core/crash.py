@@ -12,6 +12,9 @@ record is two records, in the tree format of the handover:
   retrieved, sessions with such files or never retrieved), fd_index into ``incoming_fds``; None
   outside UPDATED.
 
+The same record also exists as *units* (below), which is how the host mirrors it: one unit per
+file and per session, so that a change costs a write of what it touched, not of everything.
+
 ``recover`` builds the orchestrator a restarted host serves from: UPDATED with those incoming
 files when there are any, else NORMAL; the outgoing global files preserved again under their
 tokens, the outgoing sessions re-created and handed back for the host to hold until their
@@ -20,12 +23,12 @@ owner takes them back (``retrieve_session`` on a recovered outgoing session).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from luo.core.handover import FileRecord, LuoRecord, SessionRecord
-from luo.core.participants import FileHandler, IncomingFile, Owner, Subsystem
+from luo.core.participants import FileHandler, Owner, Subsystem
 from luo.core.session import SessionHandle
 
 if TYPE_CHECKING:
@@ -41,25 +44,75 @@ class CrashRecord:
     incoming_fds: list[int]
 
 
-def unclaimed_incoming(number: int, subsystems: dict[str, int], files: Sequence[IncomingFile],
-                       sessions: Sequence[tuple[str, dict[str, str], bool, Sequence[IncomingFile]]]
-                       ) -> tuple[LuoRecord, list[int]]:
-    """The incoming record restricted to what is still unclaimed, renumbered."""
-    fds: list[int] = []
+# -- the crash record as units ------------------------------------------------------------------
+#
+# The host mirrors the crash record after every request that changes it, before answering. Built
+# whole, that is O(everything preserved) per request, O(n^2) for n sessions made one by one. So
+# the record is also a dict of small *units*, each rendered on its own, and the orchestrator
+# says which units each change touched (``Orchestrator.take_crash_changes``): the mirror writes
+# only those. Keys (JSON lists on disk, tuples here) and values:
+#
+#   ("h",)                   {"state", "number", "incoming": None | {"number", "subsystems"}}
+#   ("gf", token)            an outgoing file of the global table   } file units:
+#   ("s", name)              {"meta"}: an outgoing session          } {"compatible", "data",
+#   ("sf", name, token)      a file of that session                 }  "meta", "fd"}
+#   ("igf", token)           an incoming global file not restored yet
+#   ("is", name)             {"meta"}: an incoming session still to claim (see unclaimed_incoming)
+#   ("isf", name, token)     a file of that session not retrieved yet
+#
+# A unit absent from the dict does not exist. Order carries meaning: sessions in creation order,
+# each session's files in preservation order. A dict keeps first-insertion order, and a session
+# closed and created again is deleted and inserted anew, so applying changes in the order they
+# happen keeps the dict in the order of the real tables.
 
-    def rec(inc: IncomingFile) -> FileRecord:
-        fds.append(inc.fd)
-        return FileRecord(token=inc.token, compatible=inc.compatible, data=inc.data, fd_index=len(fds) - 1,
-                          meta=dict(inc.meta))
+UnitKey = tuple[Any, ...]
+Unit = dict[str, Any]
+HEADER: UnitKey = ("h",)
 
-    global_files = tuple(rec(f) for f in files if not f.retrieved)
-    out_sessions = []
-    for name, meta, retrieved, sfiles in sessions:
-        left = [f for f in sfiles if not f.retrieved]
-        if left or not retrieved:
-            out_sessions.append(SessionRecord(name=name, files=tuple(rec(f) for f in left), meta=dict(meta)))
-    return LuoRecord(liveupdate_number=number, subsystems=dict(subsystems), files=global_files,
-                     sessions=tuple(out_sessions)), fds
+
+def file_unit(compatible: str, data: int, meta: dict[str, str], fd: int) -> Unit:
+    return {"compatible": compatible, "data": data, "meta": dict(meta), "fd": fd}
+
+
+def records_from_units(units: Mapping[UnitKey, Unit], fd_of: Callable[[Unit], int]) -> CrashRecord:
+    """The crash record the units describe; ``fd_of`` gives the fd of a file unit (the host's
+    own fd in a live host, the store's copy when recovering)."""
+    header = units.get(HEADER) or {"number": 0, "incoming": None}
+    out_fds: list[int] = []
+    in_fds: list[int] = []
+
+    def rec(token: int, unit: Unit, fds: list[int]) -> FileRecord:
+        fds.append(fd_of(unit))
+        return FileRecord(token=token, compatible=unit["compatible"], data=unit["data"],
+                          fd_index=len(fds) - 1, meta=dict(unit["meta"]))
+
+    gfiles: list[FileRecord] = []
+    igfiles: list[FileRecord] = []
+    sessions: dict[str, tuple[dict[str, str], list[FileRecord]]] = {}
+    isessions: dict[str, tuple[dict[str, str], list[FileRecord]]] = {}
+    for key, unit in units.items():
+        kind = key[0]
+        if kind == "gf":
+            gfiles.append(rec(key[1], unit, out_fds))
+        elif kind == "igf":
+            igfiles.append(rec(key[1], unit, in_fds))
+        elif kind in ("s", "is"):
+            table = sessions if kind == "s" else isessions
+            table[key[1]] = (dict(unit["meta"]), table.get(key[1], ({}, []))[1])
+        elif kind in ("sf", "isf"):
+            table = sessions if kind == "sf" else isessions
+            table.setdefault(key[1], ({}, []))[1].append(rec(key[2], unit, out_fds if kind == "sf" else in_fds))
+    number = header["number"]
+    outgoing = LuoRecord(liveupdate_number=number, files=tuple(gfiles), sessions=tuple(
+        SessionRecord(name=name, files=tuple(files), meta=meta) for name, (meta, files) in sessions.items()))
+    incoming: LuoRecord | None = None
+    if header.get("incoming") is not None:
+        inc = header["incoming"]
+        incoming = LuoRecord(liveupdate_number=inc["number"], subsystems=dict(inc["subsystems"]),
+                             files=tuple(igfiles), sessions=tuple(
+                                 SessionRecord(name=name, files=tuple(files), meta=meta)
+                                 for name, (meta, files) in isessions.items()))
+    return CrashRecord(number, outgoing, out_fds, incoming, in_fds)
 
 
 def owner_of(meta: dict[str, str]) -> Owner:
@@ -69,7 +122,7 @@ def owner_of(meta: dict[str, str]) -> Owner:
         except ValueError:
             return 0
 
-    return Owner(pid=num("pid"), uid=num("uid"), comm=meta.get("comm", ""))
+    return Owner(pid=num("pid"), uid=num("uid"), comm=meta.get("comm", ""), program=meta.get("program", ""))
 
 
 def recover(crash_number: int, outgoing: LuoRecord, outgoing_fds: Sequence[int], incoming: LuoRecord | None,

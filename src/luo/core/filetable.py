@@ -1,10 +1,10 @@
 """The preserved-file machinery shared by the RFC v2 global table and 6.19 sessions.
 
 Both designs keep "a set of fds, each owned by a handler, named by a u64 token" and walk it at
-the same moments; they differ only in who picks the token, the order of the walk and the size
-limit. So one ``OutgoingFiles`` serves both, configured with an order and a limit, and the
-per-file steps (preserve, prepare, freeze, cancel, unpreserve; retrieve, can_finish, finish)
-live here once.
+the same moments; they differ only in who picks the token and the order of the walk. So one
+``OutgoingFiles`` serves both, configured with an order, and the per-file steps (preserve,
+prepare, freeze, cancel, unpreserve; retrieve, can_finish, finish) live here once. Neither has a
+size limit: v7.2 dropped 6.19's 128 files per session.
 
 fd ownership: once ``preserve_file`` succeeds the core owns the fd; the functions here never
 close anything. Freed fds are appended to a caller-supplied ``released`` list and the host
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Literal
 
 from luo.core.calls import check_u64, guarded, must_not_fail
@@ -43,13 +43,11 @@ class OutgoingFiles:
     """Preserved fds of one scope (the global table or one session).
 
     ``order="token"`` walks by ascending token, as the RFC v2 xarray does; ``order="preserve"``
-    walks in preservation order, as a 6.19 session's list does. ``limit`` caps the count
-    (``-ENOSPC``): 128 per session in 6.19, none for the global table.
+    walks in preservation order, as a 6.19 session's list does. No count limit (v7.2).
     """
 
-    def __init__(self, order: Order, limit: int | None = None, scope: str = "global table") -> None:
+    def __init__(self, order: Order, scope: str = "global table") -> None:
         self.order = order
-        self.limit = limit
         self.scope = scope
         self._files: dict[int, PreservedFile] = {}
 
@@ -74,11 +72,9 @@ class OutgoingFiles:
             raise LuoError(errno.ENOENT, f"no preserved file with token {token} in the {self.scope}") from None
 
     def check_room(self, token: int) -> None:
-        """Refuse a new token that is taken (``-EEXIST``) or a full table (``-ENOSPC``)."""
+        """Refuse a new token that is taken (``-EEXIST``)."""
         if token in self._files:
             raise LuoError(errno.EEXIST, f"token {token} is already used in the {self.scope}")
-        if self.limit is not None and len(self._files) >= self.limit:
-            raise LuoError(errno.ENOSPC, f"the {self.scope} already holds {self.limit} files")
 
     def add(self, pf: PreservedFile) -> None:
         self.check_room(pf.token)
@@ -99,15 +95,19 @@ class OutgoingFiles:
 # outgoing steps
 
 
+def identify(handler: FileHandler, fd: int) -> Hashable | None:
+    """``handler.identity(fd)``, its failures as LuoError (a file that cannot say is refused)."""
+    return guarded(lambda: handler.identity(fd), f"handler {handler.compatible} identity")
+
+
 def preserve_file(
-    registry: Registry, fd: int, token: int, owner: Owner, session: str | None
+    handler: FileHandler, fd: int, token: int, owner: Owner, session: str | None, ident: Hashable | None = None
 ) -> PreservedFile:
-    """Find the owning handler and let it do the heavy work now (6.19: preserve while running).
+    """Let the owning handler do the heavy work now (6.19: preserve while running).
 
     On failure nothing is kept and the caller still owns ``fd``.
     """
-    handler: FileHandler = registry.owner_of(fd)
-    pf = PreservedFile(token=token, fd=fd, handler=handler, owner=owner, session=session)
+    pf = PreservedFile(token=token, fd=fd, handler=handler, owner=owner, session=session, ident=ident)
     pf.data = check_u64(guarded(lambda: handler.preserve(pf), f"{_who(pf)} preserve"), f"{_who(pf)} preserve")
     return pf
 
@@ -185,18 +185,29 @@ def _handler_of(registry: Registry, inc: IncomingFile) -> FileHandler:
     return handler
 
 
-def retrieve_file(registry: Registry, inc: IncomingFile, ledger: FdLedger) -> int:
+def retrieve_file(registry: Registry, inc: IncomingFile, ledger: FdLedger, *, sticky: bool = False) -> int:
     """Ask the handler for a new fd for the caller; the core keeps its own copy (``inc.fd``).
 
     A handler that hands out an fd the core still holds (``inc.fd`` itself rather than a dup)
     would make the host close it twice: refused with ``-EIO``.
+
+    ``sticky`` (sessions, v7.3): the first failure is kept on the file and every later call
+    fails with the same errno and sentence, without asking the handler again, as upstream
+    remembers a failed retrieve's status; a file that failed once is not half-restored later.
     """
-    handler = _handler_of(registry, inc)
-    fd = guarded(lambda: handler.retrieve(inc), f"{_who_in(inc)} retrieve")
-    if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
-        raise LuoError(errno.EIO, f"{_who_in(inc)} retrieve returned {fd!r}, not an fd")
-    if fd in ledger:
-        raise LuoError(errno.EIO, f"{_who_in(inc)} retrieve returned fd {fd}, which LUO still holds (dup it)")
+    if sticky and inc.error is not None:
+        raise LuoError(inc.error.errno, inc.error.message)
+    try:
+        handler = _handler_of(registry, inc)
+        fd = guarded(lambda: handler.retrieve(inc), f"{_who_in(inc)} retrieve")
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            raise LuoError(errno.EIO, f"{_who_in(inc)} retrieve returned {fd!r}, not an fd")
+        if fd in ledger:
+            raise LuoError(errno.EIO, f"{_who_in(inc)} retrieve returned fd {fd}, which LUO still holds (dup it)")
+    except LuoError as err:
+        if sticky:
+            inc.error = LuoError(err.errno, err.message)
+        raise
     inc.retrieved = True
     return fd
 
@@ -226,6 +237,7 @@ def finish_files(registry: Registry, files: list[IncomingFile], ledger: FdLedger
             else:
                 handler.finish(inc, inc.retrieved)
         finally:
+            inc.done = True
             ledger.release(inc.fd)
 
     must_not_fail(files, finish, lambda i: f"{_who_in(i)} finish")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from luo.core.calls import U64_MAX
 from luo.core.filetable import IncomingFiles
 from luo.core.handover import FileRecord, LuoRecord
-from luo.core.participants import COMPATIBLE_MAX, SESSION_FILES_MAX, IncomingFile
+from luo.core.participants import COMPATIBLE_MAX, IncomingFile, Owner
 from luo.core.session import check_session_name
 from luo.errors import LuoError
 
@@ -29,6 +29,7 @@ class IncomingSession:
     meta: dict[str, str] = field(default_factory=dict)
     retrieved: bool = False
     gone: bool = False  # finished or discarded
+    retrieved_by: Owner | None = None  # who retrieved it (status only; the owner is the predecessor's)
 
 
 @dataclass
@@ -96,8 +97,6 @@ def load_incoming(record: LuoRecord, fds: Sequence[int]) -> IncomingState:
             raise _bad(err.message) from None
         if srec.name in sessions:
             raise _bad(f"session {srec.name!r} appears twice")
-        if len(srec.files) > SESSION_FILES_MAX:
-            raise _bad(f"session {srec.name!r} holds {len(srec.files)} files (max {SESSION_FILES_MAX})")
         table = IncomingFiles(f"incoming session {srec.name!r}")
         for rec in srec.files:
             table.add(to_incoming(rec, srec.name))

@@ -30,7 +30,12 @@ def safe_describe(handler: FileHandler | None, fd: int) -> dict[str, str]:
 
 
 def owner_meta(owner: Owner) -> dict[str, str]:
-    return {"pid": str(owner.pid), "uid": str(owner.uid), "comm": owner.comm}
+    """The owner as record meta. ``program`` only when the client gave one, so that records of
+    clients that do not are what they were before it existed."""
+    meta = {"pid": str(owner.pid), "uid": str(owner.uid), "comm": owner.comm}
+    if owner.program:
+        meta["program"] = owner.program
+    return meta
 
 
 def owner_from_meta(meta: dict[str, str]) -> dict[str, object]:
@@ -42,7 +47,24 @@ def owner_from_meta(meta: dict[str, str]) -> dict[str, object]:
         except ValueError:
             return 0
 
-    return {"pid": num("pid"), "uid": num("uid"), "comm": meta.get("comm", "")}
+    out: dict[str, object] = {"pid": num("pid"), "uid": num("uid"), "comm": meta.get("comm", "")}
+    if meta.get("program"):
+        out["program"] = meta["program"]
+    return out
+
+
+def file_meta(pf: PreservedFile) -> dict[str, str]:
+    """A file's record meta: the handler's facts (a memfd's name and size...) first; owner and
+    session win on clashes. The facts are read once (at the first record: prepare, or the crash
+    record right after preserve): from then on the file cannot change, and the freeze-time
+    record is built inside the blackout."""
+    if pf.facts is None:
+        pf.facts = safe_describe(pf.handler, pf.fd)
+    meta = dict(pf.facts)
+    meta.update(owner_meta(pf.owner))
+    if pf.session is not None:
+        meta["session"] = pf.session
+    return meta
 
 
 def build_record(
@@ -54,15 +76,7 @@ def build_record(
     fds: list[int] = []
 
     def record(pf: PreservedFile) -> FileRecord:
-        # The handler's facts (a memfd's name and size...) first; owner and session win on clashes.
-        # They are read once (at prepare): from then on the file cannot change, and the freeze-time
-        # record is built inside the blackout.
-        if pf.facts is None:
-            pf.facts = safe_describe(pf.handler, pf.fd)
-        meta = dict(pf.facts)
-        meta.update(owner_meta(pf.owner))
-        if pf.session is not None:
-            meta["session"] = pf.session
+        meta = file_meta(pf)
         fds.append(pf.fd)
         return FileRecord(
             token=pf.token, compatible=pf.compatible, data=pf.data, fd_index=len(fds) - 1, meta=meta

@@ -11,11 +11,16 @@ host keeps it open until it is unpreserved, handed to the successor, or finished
 from __future__ import annotations
 
 import abc
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+
+from luo.errors import LuoError
 
 COMPATIBLE_MAX = 48  # bytes, as the 6.19 handler ops
 SESSION_NAME_MAX = 63  # bytes (u8 name[64] with its NUL)
-SESSION_FILES_MAX = 128
+# No limit on files per session nor on sessions: v7.2 keeps LUO's state in linked blocks and
+# dropped 6.19's 128 files per session (ENOSPC) and its ~744 sessions. luo follows v7.2.
+PROGRAM_MAX = 200  # bytes of a client's description of itself (``program``), for status only
 
 
 class Subsystem(abc.ABC):
@@ -48,6 +53,9 @@ class Owner:
     pid: int = 0
     uid: int = 0
     comm: str = ""
+    # What the client says it acts for ("selftest pid 123" from ``luo run``): its claim, not
+    # checked, shown labelled as such next to what SO_PEERCRED proves (pid, uid, comm).
+    program: str = ""
 
 
 @dataclass
@@ -63,6 +71,7 @@ class PreservedFile:
     prepared: bool = False
     frozen: bool = False
     facts: dict[str, str] | None = None  # handler.describe() as first recorded (see outgoing.py)
+    ident: Hashable | None = None  # handler.identity(fd): which file this is, for the EBUSY rule
 
     @property
     def compatible(self) -> str:
@@ -80,6 +89,9 @@ class IncomingFile:
     session: str | None = None
     retrieved: bool = False
     meta: dict[str, str] = field(default_factory=dict)
+    # v7.3: a failed retrieve fails the same way every later time; the first failure is kept
+    error: LuoError | None = None
+    done: bool = False  # finished or discarded: the host no longer holds ``fd``
 
 
 class FileHandler(abc.ABC):
@@ -93,6 +105,23 @@ class FileHandler(abc.ABC):
     @abc.abstractmethod
     def can_preserve(self, fd: int) -> bool:
         """Cheap check: is this fd of my kind? The first handler that says yes owns it."""
+
+    def identity(self, fd: int) -> Hashable | None:
+        """Which file ``fd`` opens, so that one file is preserved once (v7.2: ``EBUSY``).
+
+        The kernel compares its ``struct file`` (or a handler's own id: ``luo_get_id``); the
+        host only ever sees dups of the caller's fd (SCM_RIGHTS), so fd numbers say nothing and
+        the luo handlers answer the inode, ``(st_dev, st_ino)``. None (the default): no identity,
+        the file is not checked. Called once at preserve, after ``can_preserve`` said yes.
+        """
+        return None
+
+    def recorded_size(self, data: int) -> int | None:
+        """The size this handler froze for a file whose u64 is ``data`` (a memfd's), else None.
+
+        ``luo run`` asks it (op ``preserved_size``) to refuse a truncate with EPERM, as the
+        kernel does from preserve until finish."""
+        return None
 
     def preserve(self, pf: PreservedFile) -> int:
         """Heavy work at preserve time (6.19), while the workload runs. Returns the u64 data."""

@@ -16,7 +16,7 @@ import errno
 from typing import TYPE_CHECKING, Literal
 
 from luo.core.filetable import OutgoingFiles
-from luo.core.participants import SESSION_FILES_MAX, SESSION_NAME_MAX, Owner
+from luo.core.participants import SESSION_NAME_MAX, Owner
 from luo.errors import LuoError
 
 if TYPE_CHECKING:
@@ -27,7 +27,10 @@ Direction = Literal["out", "in"]
 
 
 def check_session_name(name: object) -> str:
-    """Non-empty, at most 63 bytes of UTF-8 (``u8 name[64]`` with its NUL), no NUL inside."""
+    """Non-empty, at most 63 bytes of UTF-8 (``u8 name[64]`` with its NUL), no NUL inside.
+
+    ``EINVAL`` otherwise, as CREATE_SESSION in 6.19 and v7.2 (an empty name, or no NUL within
+    the 64 bytes)."""
     if not isinstance(name, str):
         raise LuoError(errno.EINVAL, f"session name {name!r} is not a string")
     size = len(name.encode())
@@ -44,7 +47,7 @@ class OutgoingSession:
     def __init__(self, name: str, owner: Owner) -> None:
         self.name = name
         self.owner = owner
-        self.files = OutgoingFiles("preserve", SESSION_FILES_MAX, f"session {name!r}")
+        self.files = OutgoingFiles("preserve", f"session {name!r}")  # no file limit (v7.2)
         self.gone = False
 
 
@@ -80,12 +83,17 @@ class SessionHandle:
         return self._orch._session_preserve(self, fd, token)
 
     def retrieve_fd(self, token: int) -> int:
-        """Incoming only. Any order, idempotent: each call returns a new fd from the handler."""
+        """Incoming only. Any order, idempotent: each call returns a new fd from the handler; a
+        failure is sticky (v7.3: every later call fails the same way)."""
         return self._orch._session_retrieve_fd(self, token)
 
     def finish(self) -> None:
         """Incoming only: can_finish veto (-EBUSY, nothing finished), then finish in reverse order."""
         self._orch._session_finish(self)
+
+    def get_name(self) -> str:
+        """v7.2 GET_NAME: the name, on a created or a retrieved session, open or not."""
+        return self._session.name
 
     def close(self) -> None:
         """Same as ``Orchestrator.close_session(self)``."""

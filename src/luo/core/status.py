@@ -11,7 +11,11 @@ from luo.core.registry import Registry
 
 
 def owner_json(owner: Owner) -> dict[str, object]:
-    return {"pid": owner.pid, "uid": owner.uid, "comm": owner.comm}
+    """pid, uid and comm (from SO_PEERCRED), and ``program`` when the client named one (its claim)."""
+    out: dict[str, object] = {"pid": owner.pid, "uid": owner.uid, "comm": owner.comm}
+    if owner.program:
+        out["program"] = owner.program
+    return out
 
 
 def outgoing_file(pf: PreservedFile) -> dict[str, object]:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from luo.core.participants import FileHandler, IncomingFile, PreservedFile
 from luo.errors import LuoError
+from luo.handlers.inode import inode_of
 
 SOCKET_LISTEN_COMPATIBLE = "socket-listen-v1"
 FAMILIES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
@@ -73,6 +74,10 @@ class ListenSocketHandler(FileHandler):
 
     def can_preserve(self, fd: int) -> bool:
         return _listening_family(fd) is not None
+
+    def identity(self, fd: int) -> tuple[int, int]:
+        """The socket's inode: one socket is preserved once (v7.2, EBUSY)."""
+        return inode_of(fd)
 
     def preserve(self, pf: PreservedFile) -> int:
         family = _listening_family(pf.fd)

@@ -1,15 +1,28 @@
-"""``memfd-v1``: preserve a memfd (a VM's guest RAM) in place, frozen in size.
+"""``memfd-v1``: preserve a memfd (a VM's guest RAM) in place, its size frozen from preserve on.
 
 What crosses: the very same open file description. The host keeps the fd and hands it to the
 successor by SCM_RIGHTS, so contents, size and file position cross without a copy — the pages
-never move. From preserve on, the size is frozen by the kernel itself with the seals
-F_SEAL_SHRINK|F_SEAL_GROW: truncate, growing writes and growing fallocate fail with EPERM, as the
-kernel's memfd-v1 makes them fail between preserve and finish, while reads and writes inside the
-size keep working so the VM runs on.
+never move.
 
-How the restored file differs from the original: it *is* the original (same inode, same
-description), and the size seals stay on for good — a seal can never be removed, so neither
-unpreserve nor finish lifts them. Upstream, the successor gets a new, unsealed file instead.
+Any memfd is accepted, with or without MFD_ALLOW_SEALING, as the kernel's memfd-v1 accepts any
+(its selftests make theirs with ``memfd_create(name, 0)``). No seal is added: seals are
+permanent, and upstream a memfd whose preservation is cancelled or unpreserved may grow again.
+Seals a memfd already had are kept (they were its owner's choice) and shown.
+
+The size is frozen by bookkeeping instead: recorded at preserve (the u64 data), checked at
+prepare and at freeze (a change refuses the update with ``EIO`` naming the file), and checked
+again at retrieve. Under ``luo run`` the supervisor refuses ``ftruncate``/``fallocate`` on a
+preserved memfd with EPERM, as the kernel does from preserve until finish (it asks the host,
+op ``preserved_size``, which answers from ``recorded_size``).
+
+Where it still differs from the kernel:
+
+- outside ``luo run`` a truncate, a growing write or an fallocate succeeds; a size change is
+  caught only at prepare/freeze (the update is refused, nothing is frozen) or at retrieve.
+  Writes that grow the file are never stopped (the kernel refuses them with EPERM);
+- the successor gets the same open file (same inode and description, seals included), not a
+  new unsealed file; holes are not filled at preserve (nothing is freed across a userspace
+  update, so there is nothing to pin).
 """
 
 from __future__ import annotations
@@ -21,9 +34,9 @@ import stat
 
 from luo.core.participants import FileHandler, IncomingFile, PreservedFile
 from luo.errors import LuoError
+from luo.handlers.inode import inode_of
 
 MEMFD_COMPATIBLE = "memfd-v1"
-FREEZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _LINK_PREFIX = "/memfd:"
 _LINK_SUFFIX = " (deleted)"
 _SEAL_NAMES = (
@@ -74,55 +87,47 @@ def seal_names(seals: int) -> list[str]:
     return [name for bit, name in _SEAL_NAMES if seals & bit]
 
 
-def freeze_size(fd: int) -> None:
-    """Add F_SEAL_SHRINK|F_SEAL_GROW; already frozen is fine (a memfd restored by a previous
-    update carries them). Raises LuoError(EPERM) for a memfd made without MFD_ALLOW_SEALING."""
-    seals = memfd_seals(fd)
-    if seals & FREEZE_SEALS == FREEZE_SEALS:
-        return
-    if seals & fcntl.F_SEAL_SEAL:
-        raise LuoError(
-            errno.EPERM,
-            f"memfd {memfd_name(fd)!r} (fd {fd}) was created without MFD_ALLOW_SEALING (or is sealed "
-            "against new seals), so its size cannot be frozen; create it with MFD_ALLOW_SEALING.",
-        )
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FREEZE_SEALS)
-    except OSError as e:
-        raise LuoError(
-            e.errno or errno.EPERM, f"cannot freeze the size of memfd {memfd_name(fd)!r}: {e.strerror}."
-        ) from e
-
-
 class MemfdHandler(FileHandler):
-    """Preserves memfds; the u64 data is the size, frozen at preserve time."""
+    """Preserves memfds; the u64 data is the size recorded at preserve time."""
 
     compatible = MEMFD_COMPATIBLE
 
     def can_preserve(self, fd: int) -> bool:
         return is_memfd(fd)
 
+    def identity(self, fd: int) -> tuple[int, int]:
+        """The memfd's inode: one memfd is preserved once (v7.2, EBUSY), however it was dup'ed."""
+        return inode_of(fd)
+
+    def recorded_size(self, data: int) -> int:
+        return data
+
     def preserve(self, pf: PreservedFile) -> int:
-        freeze_size(pf.fd)
+        """Record the size; no seal is added (see the module docstring)."""
         return memfd_size(pf.fd)
 
     def prepare(self, pf: PreservedFile) -> int:
-        return self._checked_size(pf)
+        return self._checked_size(pf, "prepare")
 
     def freeze(self, pf: PreservedFile) -> int:
-        return self._checked_size(pf)
+        return self._checked_size(pf, "freeze")
 
-    def _checked_size(self, pf: PreservedFile) -> int:
-        # The seals make a change impossible; checking costs one fstat and proves it.
+    def _checked_size(self, pf: PreservedFile, step: str) -> int:
+        """The size recorded at preserve, if the file still has it: a VM's RAM that changed size
+        while preserved must not cross as if nothing happened."""
         size = memfd_size(pf.fd)
         if size != pf.data:
+            where = f"session {pf.session!r}" if pf.session is not None else "the global table"
             raise LuoError(
-                errno.EIO, f"memfd token {pf.token} changed size from {pf.data} to {size} while preserved."
+                errno.EIO,
+                f"memfd {_name_or_fd(pf.fd)} (token {pf.token}, {where}) is {size} bytes, but it was "
+                f"{pf.data} when preserved; a preserved memfd must keep its size until finish "
+                f"(refused at {step}; under `luo run` the truncate itself fails with EPERM).",
             )
         return size
 
     def unpreserve(self, pf: PreservedFile) -> None:
-        """Nothing to undo that can be undone: seals are permanent, so the size stays frozen."""
+        """Nothing to undo: no seal was added, so the memfd may change size again."""
 
     def retrieve(self, inc: IncomingFile) -> int:
         if not is_memfd(inc.fd):
@@ -146,3 +151,10 @@ class MemfdHandler(FileHandler):
             }
         except (OSError, LuoError):
             return {}
+
+
+def _name_or_fd(fd: int) -> str:
+    try:
+        return repr(memfd_name(fd))
+    except (OSError, LuoError):
+        return f"fd {fd}"

@@ -71,6 +71,7 @@ class Host:
         self.vms: Any = None  # the VmSupervisor, once installed
         self.mirror: Any = None  # the Mirror into the fd store (luo.host.mirror), when there is one
         self.recovered: dict[str, Any] | None = None  # what a restart after a crash took back
+        self.device: Conn | None = None  # the connection holding /dev/liveupdate (op open_device)
         self.recovered_sessions: dict[str, Any] = {}  # outgoing sessions held for their owners since
         self.after_start: list[Callable[[], None]] = []  # work that may wait until requests are served  # e.g. the VM supervisor: status() and ops
         self.ops: dict[str, tuple[Callable[[Conn, dict, list[int]], Reply], bool]] = {}
@@ -109,6 +110,8 @@ class Host:
             pass
         self.conns.pop(c.sock.fileno(), None)
         c.sock.close()
+        if self.device is c:  # closing /dev/liveupdate's fd lets the next opener in
+            self.device = None
         if c.session is not None:
             self.close_session(c.session)
         if c.on_close:
@@ -245,7 +248,7 @@ class Host:
     def reply(self, c: Conn, reply: dict[str, Any], fds: list[int]) -> None:
         self.mirror_now()
         try:
-            send_msg(c.sock, reply, fds)
+            send_msg(c.sock, reply, fds, large=True)  # a status of thousands of sessions is ~1 MB
         except OSError:
             pass
         finally:

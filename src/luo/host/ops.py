@@ -9,12 +9,13 @@ a request is refused whole or carried out.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import os
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
-from luo.core.participants import SESSION_NAME_MAX
+from luo.core.participants import PROGRAM_MAX, SESSION_NAME_MAX
 from luo.errors import LuoError
 from luo.host import fields
 from luo.host.wire import ok
@@ -26,6 +27,20 @@ if TYPE_CHECKING:
 def _name(msg: dict[str, Any]) -> str:
     """A session name: the kernel's is a NUL-terminated ``char name[64]``."""
     return fields.text(msg, "name", SESSION_NAME_MAX)
+
+
+def _program(msg: dict[str, Any]) -> str:
+    """What the client says it acts for (``luo run``: "selftest pid 123"): optional, shown in
+    status as the client's claim, never trusted for anything."""
+    return fields.text(msg, "program", PROGRAM_MAX, "")
+
+
+def device_holder(host: Host) -> dict[str, Any] | None:
+    """``{"pid", "program"}`` of the connection holding /dev/liveupdate (op ``open_device``), or None."""
+    c = host.device
+    if c is None:
+        return None
+    return {"pid": c.peer.pid, "program": c.extra.get("program", "")}
 
 
 def sessions_of(host: Host) -> list[dict[str, Any]]:
@@ -78,26 +93,65 @@ def install(host: Host) -> None:
         return fd
 
     def create_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """EINVAL for a bad name, EEXIST for a name in use (6.19 and v7.2)."""
         fields.no_fds(fds, "create_session")
-        handle = host.orch.create_session(_name(msg), owner=c.peer.owner())
+        name, program = _name(msg), _program(msg)
+        handle = host.orch.create_session(name, owner=dataclasses.replace(c.peer.owner(), program=program))
         return ok(name=handle.name), [session_fd(c, handle)]
 
     def retrieve_session(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """ENOENT for a name the predecessor did not hand over, EINVAL when retrieved before (6.19, v7.2)."""
         fields.no_fds(fds, "retrieve_session")
-        name = _name(msg)
+        name, program = _name(msg), _program(msg)
         kept = host.recovered_sessions.pop(name, None)
         if kept is not None and not kept.closed:  # an outgoing session luod held for its owner since a crash
             return ok(name=name, recovered=True), [session_fd(c, kept)]
-        handle = host.orch.retrieve_session(name)
+        handle = host.orch.retrieve_session(name, by=dataclasses.replace(c.peer.owner(), program=program))
         return ok(name=handle.name), [session_fd(c, handle)]
+
+    def open_device(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """Make this connection the one opener of /dev/liveupdate, for ``luo run``'s emulation:
+        6.19/v7.2 let one process at a time hold it, a second open is EBUSY. Only exclusion among
+        openers: every other client of the socket works as before (luod is the LUO agent). The
+        holder asking again keeps it (its program is updated)."""
+        fields.no_fds(fds, "open_device")
+        program = _program(msg)
+        holder = host.device
+        if holder is not None and holder is not c and holder.sock.fileno() >= 0:
+            what = holder.extra.get("program") or "no program given"
+            raise LuoError(errno.EBUSY, f"/dev/liveupdate is open: held by pid {holder.peer.pid} "
+                           f"({what}) until it closes it")
+        host.device = c
+        c.extra["program"] = program
+        return ok(pid=os.getpid(), liveupdate_number=host.orch.liveupdate_number), []
+
+    def close_device(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """Let /dev/liveupdate go (also done when the holder's connection closes)."""
+        fields.no_fds(fds, "close_device")
+        if host.device is not c:
+            raise LuoError(errno.EINVAL, "this connection does not hold /dev/liveupdate (open_device first)")
+        host.device = None
+        return ok(), []
+
+    def preserved_size(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """Is the file with inode (``dev``, ``ino``) frozen by LUO (outgoing preserved, or incoming
+        and not finished), and at which size (a memfd's; null for other kinds)? For ``luo run``,
+        which refuses ftruncate/fallocate on such a memfd with EPERM, as the kernel does from
+        preserve until finish. Reading, so not privileged: it names no file, it answers for an
+        inode the asker already has open."""
+        fields.no_fds(fds, "preserved_size")
+        dev, ino = fields.u64(msg, "dev"), fields.u64(msg, "ino")
+        preserved, size = host.orch.preserved_size((dev, ino))
+        return ok(preserved=preserved, size=size), []
 
     def status(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fields.no_fds(fds, "status")
         st = host.orch.status()
         st["pid"] = os.getpid()
+        st["device"] = device_holder(host)
         st["runtime_dir"] = str(host.runtime.root)
         if host.mirror is not None:
-            st["fd_store"] = {"kind": host.mirror.store.kind, "keys": len(host.mirror.kept),
+            st["fd_store"] = {"kind": host.mirror.store.kind, "keys": host.mirror.fd_count,
                               "error": host.mirror.failed}
         if host.recovered is not None:
             st["recovered"] = {**host.recovered, "held_sessions": sorted(
@@ -139,6 +193,9 @@ def install(host: Host) -> None:
         "finish": (event("finish"), True),
         "create_session": (create_session, True),
         "retrieve_session": (retrieve_session, True),
+        "open_device": (open_device, True),
+        "close_device": (close_device, True),
+        "preserved_size": (preserved_size, False),
         "status": (status, False),
         "kho_dump": (kho_dump, False),
         "update": (update, True),
@@ -161,21 +218,26 @@ def install(host: Host) -> None:
         return ok(), [c.session.retrieve_fd(fields.u64(msg, "token"))]
 
     def s_finish(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """``reserved`` is FINISH's ``u32 reserved``: non-zero is EINVAL (v7.3; before, ignored)."""
         fields.no_fds(fds, "finish")
+        if fields.u64(msg, "reserved", 0) != 0:
+            raise LuoError(errno.EINVAL, "reserved: must be 0")
         c.session.finish()
         return ok(), []
 
+    def s_get_name(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """v7.2 GET_NAME, on a created and on a retrieved session."""
+        fields.no_fds(fds, "get_name")
+        return ok(name=c.session.get_name()), []
+
     def s_status(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fields.no_fds(fds, "status")
-        name = c.session.name
-        for s in sessions_of(host):
-            if s.get("name") == name:
-                return ok(session=s), []
-        raise LuoError(errno.ENOENT, f"session {name!r} is gone")
+        return ok(session=host.orch.session_status(c.session)), []
 
     host.session_ops.update({
         "preserve_fd": (s_preserve, True),
         "retrieve_fd": (s_retrieve, True),
         "finish": (s_finish, True),
+        "get_name": (s_get_name, False),
         "status": (s_status, False),
     })

@@ -8,8 +8,14 @@ HIDDEN_FILE_KEYS = {"token", "compatible", "session", "owner", "direction", "fd"
 
 
 def _owner(o: Any) -> str:
+    """``comm[pid] uid N`` from the peer's credentials, then ``(for PROGRAM, its claim)`` when the
+    client said what it acts for (``luo run``: "luo-run[812] uid 0 (for selftest pid 123, its
+    claim)"): the credentials are the kernel's word, the program only the client's."""
     if isinstance(o, dict):
-        return f"{o.get('comm') or '?'}[{o.get('pid', '?')}] uid {o.get('uid', '?')}"
+        text = f"{o.get('comm') or '?'}[{o.get('pid', '?')}] uid {o.get('uid', '?')}"
+        if o.get("program"):
+            text += f" (for {o['program']}, its claim)"
+        return text
     return str(o or "-")
 
 
@@ -37,8 +43,10 @@ def format_status(st: dict[str, Any]) -> str:
     sessions = st.get("sessions", [])
     out.append(f"sessions ({len(sessions)}):")
     for s in sessions:
+        by = f"  retrieved by {_owner(s['retrieved_by'])}" if s.get("retrieved_by") else ""
         out.append(f"  {s.get('name'):<24} {s.get('direction', ''):<3} files {s.get('files')}  "
-                   f"owner {_owner(s.get('owner'))}  {_flags(s, {'name', 'files', 'owner', 'direction'})}")
+                   f"owner {_owner(s.get('owner'))}{by}  "
+                   f"{_flags(s, {'name', 'files', 'owner', 'direction', 'retrieved_by'})}")
     subs = st.get("subsystems", [])
     if subs:
         names = [s.get("name", "?") if isinstance(s, dict) else str(s) for s in subs]
@@ -51,6 +59,10 @@ def format_status(st: dict[str, Any]) -> str:
             out.append(f"  {vm['name']:<12} {guest_state(vm):<14} VMM pid {vm['pid']:<7} session {vm['session']}  "
                        f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}"
                        + (f"  ({why})" if why else ""))
+    dev = st.get("device")
+    if isinstance(dev, dict):
+        out.append(f"/dev/liveupdate: held by pid {dev.get('pid')}"
+                   + (f" (for {dev['program']}, its claim)" if dev.get("program") else ""))
     fs = st.get("fd_store")
     if isinstance(fs, dict):
         out.append(f"fd store: {fs.get('kind')}, {fs.get('keys')} fds mirrored"

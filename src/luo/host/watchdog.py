@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -67,6 +67,12 @@ class TimedHandler(FileHandler):
 
     def can_preserve(self, fd: int) -> bool:
         return _timed(lambda: self.inner.can_preserve(fd), self._who("can_preserve"))
+
+    def identity(self, fd: int) -> Hashable | None:
+        return _timed(lambda: self.inner.identity(fd), self._who("identity"))
+
+    def recorded_size(self, data: int) -> int | None:
+        return self.inner.recorded_size(data)  # arithmetic on the handler's data: nothing to wait for
 
     def preserve(self, pf: PreservedFile) -> int:
         return _timed(lambda: self.inner.preserve(pf), self._who("preserve"))

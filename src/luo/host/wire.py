@@ -22,6 +22,12 @@ from typing import Any
 from luo.errors import LuoError
 
 MAX_MSG = 4 << 20
+# A reply above INLINE_MAX travels in a sealed memfd (``{"$blob": size}`` + the memfd as its last
+# fd): a SOCK_SEQPACKET datagram cannot exceed the socket's send buffer (wmem_max, ~208 KiB by
+# default), and ``luo status`` of 2000 sessions is about a megabyte. Bounded by MAX_BLOB.
+INLINE_MAX = 128 << 10
+MAX_BLOB = 64 << 20
+BLOB_KEY = "$blob"
 SCM_MAX_FD = 253  # the kernel's limit of fds per SCM_RIGHTS message
 MAX_DEPTH = 32  # levels of JSON nesting a message may have; requests use three or four
 MAX_ERROR = 1000  # characters of an error sentence in a reply
@@ -33,8 +39,20 @@ _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 _CHUNK = 1 << 16
 
 
-def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = (), *,
+             large: bool = False) -> None:
+    """Send one message. ``large``: a message above INLINE_MAX goes in a sealed memfd (replies of
+    luod, which recv_msg unpacks); otherwise it must fit one datagram."""
     data = json.dumps(msg, separators=(",", ":")).encode()
+    if large and len(data) > INLINE_MAX and len(fds) < SCM_MAX_FD:
+        if len(data) > MAX_BLOB:
+            raise LuoError(errno.EMSGSIZE, f"message of {len(data)} bytes; at most {MAX_BLOB}")
+        blob = _sealed_memfd(data)
+        try:  # errno rides along, for a reader that only looks at it
+            send_msg(sock, {"errno": msg.get("errno", 0), BLOB_KEY: len(data)}, [*fds, blob])
+        finally:
+            os.close(blob)
+        return
     if len(fds) > SCM_MAX_FD:
         raise LuoError(22, f"{len(fds)} fds in one message; at most {SCM_MAX_FD}")
     if fds:
@@ -42,6 +60,42 @@ def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[in
         sock.sendmsg([data], anc)
     else:
         sock.sendall(data) if sock.type == socket.SOCK_STREAM else sock.send(data)
+
+
+def _sealed_memfd(data: bytes) -> int:
+    import fcntl
+
+    fd = os.memfd_create("luo-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                    | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unblob(msg: dict[str, Any], blob: int) -> dict[str, Any]:
+    """The message a ``{"$blob": size}`` stands for, read from its memfd ``blob`` (not closed here)."""
+    size = msg[BLOB_KEY]
+    if set(msg) - {BLOB_KEY, "errno"} or isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_BLOB:
+        raise LuoError(errno.EINVAL, "malformed control message: a bad $blob")
+    out = bytearray()
+    try:
+        while len(out) < size:
+            chunk = os.pread(blob, size - len(out), len(out))
+            if not chunk:
+                raise LuoError(errno.EINVAL, f"malformed control message: $blob of {len(out)} bytes, not {size}")
+            out += chunk
+    except OSError as e:
+        raise LuoError(errno.EINVAL, f"malformed control message: $blob unreadable: {e.strerror}") from None
+    inner = parse(bytes(out))
+    if BLOB_KEY in inner:
+        raise LuoError(errno.EINVAL, "malformed control message: a $blob inside a $blob")
+    return inner
 
 
 _local = threading.local()
@@ -78,7 +132,16 @@ def recv_msg(sock: socket.socket, max_size: int = MAX_MSG) -> tuple[dict[str, An
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise LuoError(errno.EMSGSIZE, f"message truncated (at most {max_size} bytes and {SCM_MAX_FD} fds, "
                            "and only as many fds as the receiver may open)")
-        return parse(data), list(fds)
+        msg = parse(data)
+        if BLOB_KEY in msg:
+            if not fds:
+                raise LuoError(errno.EINVAL, "malformed control message: a $blob without its memfd")
+            blob = fds.pop()
+            try:
+                msg = _unblob(msg, blob)
+            finally:
+                os.close(blob)
+        return msg, list(fds)
     except BaseException:
         for fd in fds:
             try:

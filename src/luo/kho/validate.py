@@ -10,7 +10,7 @@ import errno
 from collections.abc import Sequence
 
 from luo.core.handover import FileRecord, LuoRecord, MemoryRange, SessionRecord
-from luo.core.participants import COMPATIBLE_MAX, SESSION_FILES_MAX, SESSION_NAME_MAX
+from luo.core.participants import COMPATIBLE_MAX, SESSION_NAME_MAX
 from luo.errors import LuoError
 from luo.kho.encoding import U32_MAX, U64_MAX, is_prop_name
 
@@ -79,8 +79,6 @@ def _check_files(files: Sequence[FileRecord], where: str, fd_owner: dict[int, st
 def _check_session(s: SessionRecord, fd_owner: dict[int, str]) -> None:
     _check_text(s.name, "a session name", max_bytes=SESSION_NAME_MAX, empty_ok=False)
     where = f"session {s.name!r}"
-    if len(s.files) > SESSION_FILES_MAX:
-        raise _bad(f"{where} holds {len(s.files)} files; at most {SESSION_FILES_MAX} are allowed.")
     _check_files(s.files, where, fd_owner)
     _check_meta(s.meta, where)
 
