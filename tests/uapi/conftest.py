@@ -88,9 +88,12 @@ def luo_run_available() -> None:
 
 @pytest.fixture
 def host(short_dir: Path) -> Iterator[HostProcess]:
-    h = HostProcess(short_dir / "rt").start()
-    yield h
-    h.stop()
+    h = HostProcess(short_dir / "rt")
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()  # also after a failed start: what it started (its keeper) must not linger
 
 
 # -- running programs under `luo run` ----------------------------------------------------
