@@ -57,7 +57,8 @@ class CrashRecord:
 #   ("s", name)              {"meta"}: an outgoing session          } {"compatible", "data",
 #   ("sf", name, token)      a file of that session                 }  "meta", "fd"}
 #   ("igf", token)           an incoming global file not restored yet
-#   ("is", name)             {"meta"}: an incoming session still to claim (see unclaimed_incoming)
+#   ("is", name)             {"meta"}: an incoming session still to claim: never retrieved, or
+#                            retrieved with files not retrieved yet
 #   ("isf", name, token)     a file of that session not retrieved yet
 #
 # A unit absent from the dict does not exist. Order carries meaning: sessions in creation order,

@@ -20,8 +20,9 @@ while). The orchestrator says which units a request touched (``take_crash_change
 orchestrator (a successor's, a recovered one), a state change or a lost store means rendering
 all of them and writing a snapshot. File units name their fd by store key.
 
-Keys are ``<host nonce>.<fd serial>``: unique per host process and per holding of an fd, so a
-file that got a reused fd number is never mistaken for the one before it; snapshots are
+Keys are ``<host nonce>.<orchestrator>.<fd serial>``: unique per host process, per orchestrator
+it served (a successor swaps in the final one; serials start again in each) and per holding of an
+fd, so a file that got a reused fd number is never mistaken for the one before it; snapshots are
 ``<host nonce>.snapN``. Recovery reads the v1 format (a whole crash record as two KHO trees) of
 older hosts too.
 
@@ -97,6 +98,7 @@ class Mirror:
         self.journal_bytes = 0
         self.snapshots = 0
         self.orch: Orchestrator | None = None  # whose changes ``pending`` follows
+        self.generation = 0  # counts the orchestrators followed: fd serials start again in each
         self.pending: dict[UnitKey, bool] | None = None  # units to write (None: all of them)
         self.failed: str | None = None  # the last error, for luo status
         self.lost = False  # the store lost what it held (a keeper died and a new one started)
@@ -121,8 +123,11 @@ class Mirror:
         if orch.handed_over:
             return  # the successor writes from now on
         changes = orch.take_crash_changes()
-        if orch is not self.orch or changes is None:
+        if orch is not self.orch:
             self.orch, self.pending = orch, None
+            self.generation += 1
+        elif changes is None:
+            self.pending = None
         elif self.pending is not None:
             for key, gone in changes.items():
                 was_gone = self.pending.pop(key, False)
@@ -163,7 +168,7 @@ class Mirror:
             unit = rendered.get(key)
             if unit is not None and "fd" in unit:
                 fd = unit["fd"]
-                store_key = f"{self.nonce}.{orch.fd_serial(fd)}"
+                store_key = f"{self.nonce}.{self.generation}.{orch.fd_serial(fd)}"
                 unit = {k: v for k, v in unit.items() if k != "fd"}
                 unit["key"] = store_key
                 if store_key not in self.kept:
