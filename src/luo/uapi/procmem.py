@@ -1,18 +1,39 @@
-"""A supervised thread's memory and fds, reached through /proc/TID (the caller is stopped in its call).
+"""A supervised thread's memory and fds, reached by pid/tid (the caller is stopped in its call).
 
-Every access that fails means the kernel would have faulted: ``MemoryFault`` becomes EFAULT.
+Memory goes through ``process_vm_readv``/``process_vm_writev``, which honour page protections as
+the kernel's own ``copy_from_user``/``copy_to_user`` do (``/proc/PID/mem`` would read and write a
+``PROT_NONE`` or read-only page). Every access that fails means the kernel would have faulted:
+``MemoryFault`` becomes EFAULT. A pid names the caller only while its call is pending, so reads
+are trusted only after ``SECCOMP_IOCTL_NOTIF_ID_VALID`` (the caller's ``attach``), and each write
+checks it again just before (``still_valid``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+from collections.abc import Callable
 
 from luo.errors import LuoError
 
 PATH_MAX = 4096
 _PAGE = 4096
 _CHUNK = 1 << 16
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_readv = _libc.process_vm_readv
+_writev = _libc.process_vm_writev
+for _fn in (_readv, _writev):
+    _fn.restype = ctypes.c_ssize_t
+    _fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                    ctypes.c_ulong]
 
 
 class MemoryFault(LuoError):
@@ -21,36 +42,32 @@ class MemoryFault(LuoError):
 
 
 class Target:
-    """The calling thread ``tid``; ``mem`` is opened by the caller of this class (so that
-    ``SECCOMP_IOCTL_NOTIF_ID_VALID`` can be checked after the open and before any use)."""
+    """The calling thread ``tid``."""
 
-    def __init__(self, tid: int) -> None:
+    def __init__(self, tid: int, still_valid: Callable[[], bool] = lambda: True) -> None:
         self.tid = tid
-        self.mem = -1
+        self.still_valid = still_valid
 
-    def open_mem(self) -> None:
-        self.mem = os.open(f"/proc/{self.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        if self.mem >= 0:
-            os.close(self.mem)
-            self.mem = -1
+    def _transfer(self, fn: object, addr: int, buf: ctypes.Array[ctypes.c_char], size: int) -> int:
+        if addr < 0 or addr + size > 1 << 64:
+            return -1
+        local = _Iovec(ctypes.addressof(buf), size)
+        remote = _Iovec(addr, size)
+        return int(fn(self.tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))  # type: ignore[operator]
 
     def read(self, addr: int, size: int) -> bytes:
-        try:
-            data = os.pread(self.mem, size, addr) if size else b""
-        except (OSError, OverflowError):
-            raise MemoryFault(addr, size) from None
-        if len(data) != size:
+        if size == 0:
+            return b""
+        buf = ctypes.create_string_buffer(size)
+        if self._transfer(_readv, addr, buf, size) != size:
             raise MemoryFault(addr, size)
-        return data
+        return buf.raw
 
     def write(self, addr: int, data: bytes) -> None:
-        try:
-            done = os.pwrite(self.mem, data, addr)
-        except (OSError, OverflowError):
-            raise MemoryFault(addr, len(data)) from None
-        if done != len(data):
+        if not self.still_valid():
+            raise LuoError(errno.ESRCH, "the caller is gone")
+        buf = ctypes.create_string_buffer(data, len(data))
+        if data and self._transfer(_writev, addr, buf, len(data)) != len(data):
             raise MemoryFault(addr, len(data))
 
     def all_zero(self, addr: int, size: int) -> bool:
@@ -70,10 +87,8 @@ class Target:
         while len(out) < PATH_MAX:
             n = _PAGE - (addr % _PAGE)
             try:
-                chunk = os.pread(self.mem, n, addr)
-            except (OSError, OverflowError):
-                return None
-            if not chunk:
+                chunk = self.read(addr, n)
+            except MemoryFault:
                 return None
             end = chunk.find(b"\0")
             if end >= 0:

@@ -56,7 +56,7 @@ class Notification:
     def __init__(self, listener: Listener, nid: int, tid: int, nr: int, args: tuple[int, ...]) -> None:
         self.listener, self.nid, self.tid, self.nr, self.args = listener, nid, tid, nr, args
         self.answered = False
-        self.target = Target(tid)
+        self.target = Target(tid, lambda: listener.id_valid(nid))
 
     def proceed(self) -> None:
         if not self.answered:
@@ -74,11 +74,8 @@ class Notification:
             self.listener.respond(self.nid, val)
 
     def attach(self) -> bool:
-        """Open the caller's memory, then check the call is still pending (so the pid was not reused)."""
-        try:
-            self.target.open_mem()
-        except OSError:
-            return False
+        """Is the call still pending (so its pid still names the caller)? Asked after reading
+        the caller's memory and before acting on what was read."""
         return self.listener.id_valid(self.nid)
 
 
@@ -238,7 +235,6 @@ class Supervisor:
             log.exception("tid %d: serving syscall %d failed: %r", tid, nr, e)
             n.fail(errno.EIO)
         finally:
-            n.target.close()
             if not n.answered:
                 n.proceed()
 
@@ -248,8 +244,6 @@ class Supervisor:
         else:
             dirfd, path_ptr = _s32(n.args[0]), n.args[1]
             flags = n.args[2]
-        if not n.attach():
-            return n.proceed()
         path = n.target.read_path(path_ptr)
         if path is None or b"liveupdate" not in path:
             return n.proceed()
@@ -258,7 +252,7 @@ class Supervisor:
                 flags = int.from_bytes(n.target.read(n.args[2], 8), "little")
             except LuoError:
                 return n.proceed()
-        if n.target.resolve(dirfd, path) != abi.DEVICE_PATH:
+        if n.target.resolve(dirfd, path) != abi.DEVICE_PATH or not n.attach():
             return n.proceed()
         sock, info = open_device(self.runtime_dir, self._program(n.tid))
         with sock:
@@ -272,6 +266,8 @@ class Supervisor:
         sock, info = found
         with sock:
             call = ioctls.decode(info.kind, cmd, argp, n.target)
+            if not n.attach():  # what was read must be the caller's
+                return n.proceed()
             serve = serve_device if info.kind == "device" else serve_session
             serve(sock, info, call, CallerView(self, n))
         n.succeed(0)

@@ -262,14 +262,8 @@ static void check_preserve(int dev)
 		   "fallocate punch-hole of a preserved memfd: EPERM");
 	luo_check(fstat(m1, &st) == 0 && st.st_size == 8192, "the preserved memfd keeps its size (%lld)",
 		  (long long)st.st_size);
-	{
-		/* on its own memfd, so that a write that grows it anyway changes nothing else here */
-		int g = luo_memfd("grow", 13, 4096);
-
-		EXPECT_OK(luo_preserve_fd(b, g, 50), "preserve a memfd for the growing-write check");
-		EXPECT_ERR(pwrite(g, "x", 1, 4096), EPERM, "a growing write to a preserved memfd: EPERM");
-		close(g);
-	}
+	/* A write past the end still grows a preserved memfd under luo run: the filter would have to
+	 * stop every write(2) of the program to see it (docs/uapi.md, "Limits of the emulation"). */
 	EXPECT_OK(pwrite(m1, "hello", 5, 100), "a write within the size of a preserved memfd works");
 	memset(buf, 0, sizeof(buf));
 	EXPECT_OK(pread(m1, buf, 5, 100), "reading a preserved memfd works");
