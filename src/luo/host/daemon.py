@@ -35,6 +35,16 @@ DEFERRED: Reply = ({"deferred": True}, [])  # the op answers later, through Host
 MAX_OP = 64  # characters of an op name; the longest is a third of that
 
 
+def _at_eof(sock: socket.socket) -> bool:
+    """Has the peer closed (nothing left to read but the end)? One non-blocking peek."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 @dataclass
 class Waiter:
     """A request answered when ``poll`` returns a reply (or ``on_timeout`` at ``deadline``)."""
@@ -150,7 +160,7 @@ class Host:
             if self.waiters:
                 until = max(0.0, min(w.deadline for w in self.waiters) - time.monotonic())
                 timeout = until if timeout is None else min(timeout, until)
-            for key, _ in self.sel.select(timeout=timeout):
+            for key, _ in self.closes_first(self.sel.select(timeout=timeout)):
                 if key.data is None:
                     self.accept()
                 else:
@@ -161,6 +171,19 @@ class Host:
             self.mirror_now()  # a session closed with its connection changes what is preserved
             if idle_work:
                 idle_work.pop(0)()
+
+    @staticmethod
+    def closes_first(ready: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """Connections that ended go before requests that arrived with them.
+
+        A kernel session fd is released when close() returns. Here the client's close reaches
+        luod as EOF, and the EOF of a session luod has just handed out becomes ready only when
+        luod closes its own copy after sending it, which can be after the client already closed
+        it and sent its next request: "close a session, create it again" would then find the old
+        one (EEXIST). Handling every EOF of a batch first keeps the kernel's order."""
+        if len(ready) < 2:
+            return ready
+        return sorted(ready, key=lambda kv: 0 if kv[0].data is not None and _at_eof(kv[0].data.sock) else 1)
 
     def defer(self, conn: Conn, poll: Callable[[], Reply | None], timeout: float,
               on_timeout: Callable[[], Reply]) -> Reply:
