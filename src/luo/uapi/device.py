@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -73,10 +74,40 @@ def peer_pid(sock: socket.socket) -> int:
     return int.from_bytes(creds[0:4], "little")
 
 
-def request(sock: socket.socket, info: FileInfo, msg: dict[str, Any],
-            fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
+class Link:
+    """The program's socket for one call, taken from it only when a request needs it (GET_NAME
+    and GET_STATE do not): ``take`` returns it checked, or None if the fd is no longer ours."""
+
+    def __init__(self, info: FileInfo, take: Callable[[], socket.socket | None]) -> None:
+        self.info = info
+        self._take = take
+        self._sock: socket.socket | None = None
+
+    @classmethod
+    def of(cls, sock: socket.socket, info: FileInfo) -> Link:
+        link = cls(info, lambda: sock)
+        link._sock = sock
+        return link
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = self._take()
+            if self._sock is None:
+                raise LuoError(errno.EBADF, "the fd changed while the call was served")
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def request(link: Link, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
     """One request on the program's own socket; a host that is gone makes it ENODEV."""
+    info = link.info
     what = "this /dev/liveupdate fd" if info.kind == "device" else f"session {info.name!r}"
+    sock = link.sock
     try:
         send_msg(sock, msg, fds)
         got = recv_msg(sock, REPLY_MAX)
@@ -102,13 +133,14 @@ def _one_fd(op: str, fds: list[int]) -> int:
     return fds[0]
 
 
-def serve_device(sock: socket.socket, info: FileInfo, call: Call, caller: Caller) -> None:
+def serve_device(link: Link, call: Call, caller: Caller) -> None:
+    info = link.info
     op = call.op
     if op in (abi.CREATE_SESSION, abi.RETRIEVE_SESSION):
         name = c_name(call.fields[2])
         call.answer(caller.mem)  # the kernel fails with EFAULT before creating anything
         which = "create_session" if op is abi.CREATE_SESSION else "retrieve_session"
-        reply, fds = request(sock, info, {"op": which, "name": name, "program": info.program})
+        reply, fds = request(link, {"op": which, "name": name, "program": info.program})
         session = _one_fd(which, fds)
         # a session luod held for its owner since a crash comes back as what it was: outgoing
         incoming = which == "retrieve_session" and not reply.get("recovered")
@@ -126,36 +158,37 @@ def serve_device(sock: socket.socket, info: FileInfo, call: Call, caller: Caller
         call.answer(caller.mem)
         mine = caller.take_fd(fd)
         try:
-            reply, _ = request(sock, info, {"op": "preserve_fd"}, (mine,))
+            reply, _ = request(link, {"op": "preserve_fd"}, (mine,))
         finally:
             os.close(mine)
         call.answer(caller.mem, f2=int(reply["token"]))
     elif op is abi.FD_UNPRESERVE:
-        request(sock, info, {"op": "unpreserve_fd", "token": call.fields[0]})
+        request(link, {"op": "unpreserve_fd", "token": call.fields[0]})
     elif op is abi.FD_RESTORE:
         _fd, flags, token = call.fields
         if flags:
             raise LuoError(errno.EINVAL, f"FD_RESTORE: flags {flags:#x} are not zero (RFC v2 defines none)")
         call.answer(caller.mem)
-        _, fds = request(sock, info, {"op": "restore_fd", "token": token})
+        _, fds = request(link, {"op": "restore_fd", "token": token})
         _give_answer(call, caller, _one_fd("restore_fd", fds), "f0")
     elif op is abi.GET_STATE:
-        call.answer(caller.mem, f0=_state(sock, info))
+        call.answer(caller.mem, f0=_state(link))
     elif op.cmd in abi.EVENTS:
-        request(sock, info, {"op": abi.EVENTS[op.cmd]})
+        request(link, {"op": abi.EVENTS[op.cmd]})
     else:
         raise LuoError(errno.ENOTTY, f"{op.name} is not a /dev/liveupdate ioctl")
 
 
-def _state(sock: socket.socket, info: FileInfo) -> int:
+def _state(link: Link) -> int:
     """The state luod publishes in ``<runtime>/state`` before it answers any event (the kernel's
     sysfs file): read there, GET_STATE costs no round trip. A stale device still says ENODEV."""
+    info = link.info
     try:
         if int(_read(info.state_file.parent / "luod.pid")) == info.host_pid:
             return State[_read(info.state_file).upper()].value
     except (OSError, ValueError, KeyError):
         pass
-    reply, _ = request(sock, info, {"op": "get_state"})  # ENODEV when that host is gone
+    reply, _ = request(link, {"op": "get_state"})  # ENODEV when that host is gone
     return int(reply["state"])
 
 
@@ -176,7 +209,8 @@ def _give_answer(call: Call, caller: Caller, fd: int, field: str) -> None:
     call.answer(caller.mem, **{field: number})
 
 
-def serve_session(sock: socket.socket, info: FileInfo, call: Call, caller: Caller) -> None:
+def serve_session(link: Link, call: Call, caller: Caller) -> None:
+    info = link.info
     op = call.op
     if op is abi.PRESERVE_FD:
         _size, fd, token = call.fields
@@ -184,7 +218,7 @@ def serve_session(sock: socket.socket, info: FileInfo, call: Call, caller: Calle
             raise LuoError(errno.EINVAL, f"session {info.name!r} was retrieved: files cannot be added to it")
         mine = caller.take_fd(fd)
         try:
-            request(sock, info, {"op": "preserve_fd", "token": token}, (mine,))
+            request(link, {"op": "preserve_fd", "token": token}, (mine,))
         finally:
             os.close(mine)
     elif op is abi.RETRIEVE_FD:
@@ -192,7 +226,7 @@ def serve_session(sock: socket.socket, info: FileInfo, call: Call, caller: Calle
         if not info.incoming:
             raise LuoError(errno.EINVAL, f"session {info.name!r} was created here: nothing to retrieve")
         call.answer(caller.mem)
-        _, fds = request(sock, info, {"op": "retrieve_fd", "token": token})
+        _, fds = request(link, {"op": "retrieve_fd", "token": token})
         _give_answer(call, caller, _one_fd("retrieve_fd", fds), "f1")
     elif op is abi.FINISH:
         _size, reserved = call.fields
@@ -200,7 +234,7 @@ def serve_session(sock: socket.socket, info: FileInfo, call: Call, caller: Calle
             raise LuoError(errno.EINVAL, f"FINISH: reserved is {reserved:#x}, not zero")
         if not info.incoming:
             raise LuoError(errno.EINVAL, f"session {info.name!r} was created here: nothing to finish")
-        request(sock, info, {"op": "finish"})
+        request(link, {"op": "finish"})
     elif op is abi.GET_NAME:
         call.answer(caller.mem, f2=c_name_bytes(info.name))
     else:
@@ -220,7 +254,7 @@ def open_device(runtime_dir: Path, program: str) -> tuple[socket.socket, FileInf
         raise
     try:
         info = FileInfo("device", abi.DEVICE_PATH, False, 0, peer_pid(sock), state_file, program)
-        reply, _ = request(sock, info, {"op": "open_device", "program": program})
+        reply, _ = request(Link.of(sock, info), {"op": "open_device", "program": program})
     except BaseException:
         sock.close()
         raise

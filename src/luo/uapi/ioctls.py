@@ -60,7 +60,11 @@ def decode(on: abi.On, cmd: int, argp: int, mem: Memory) -> Call:
         last = base + len(table) - 1
         raise LuoError(errno.EINVAL, f"ioctl {cmd:#x}: nr {nr:#x} is not in the {on}'s table "
                        f"({base:#04x}..{last:#04x})")
-    (user_size,) = struct.unpack("<I", mem.read(argp, 4))
+    try:  # one read for the usual case; on a fault, step by step for the kernel's errno
+        raw: bytes | None = mem.read(argp, op.size)
+    except LuoError:
+        raw = None
+    (user_size,) = struct.unpack_from("<I", raw if raw is not None else mem.read(argp, 4))
     if cmd != op.cmd:
         raise LuoError(errno.ENOTTY, f"ioctl {cmd:#x} has nr {nr:#x} but is not {op.name} ({op.cmd:#x})")
     if user_size < op.size:
@@ -68,7 +72,7 @@ def decode(on: abi.On, cmd: int, argp: int, mem: Memory) -> Call:
     if user_size > op.size and not mem.all_zero(argp + op.size, user_size - op.size):
         raise LuoError(errno.E2BIG, f"{op.name}: bytes beyond the struct's {op.size} (size {user_size}) are "
                        "not zero")
-    fields = list(struct.unpack(op.layout, mem.read(argp, op.size)))
+    fields = list(struct.unpack(op.layout, raw if raw is not None else mem.read(argp, op.size)))
     return Call(op, argp, user_size, fields)
 
 

@@ -36,6 +36,15 @@ for _fn in (_readv, _writev):
                     ctypes.c_ulong]
 
 
+# One buffer and one pair of iovecs for every access: the supervisor serves one call at a time,
+# and building ctypes objects per access cost more than the system call.
+_BUF = ctypes.create_string_buffer(_CHUNK)
+_LOCAL = _Iovec(ctypes.addressof(_BUF), 0)
+_REMOTE = _Iovec(0, 0)
+_LOCAL_P = ctypes.pointer(_LOCAL)
+_REMOTE_P = ctypes.pointer(_REMOTE)
+
+
 class MemoryFault(LuoError):
     def __init__(self, addr: int, size: int) -> None:
         super().__init__(errno.EFAULT, f"cannot access {size} bytes at {addr:#x} in the caller")
@@ -48,26 +57,32 @@ class Target:
         self.tid = tid
         self.still_valid = still_valid
 
-    def _transfer(self, fn: object, addr: int, buf: ctypes.Array[ctypes.c_char], size: int) -> int:
-        if addr < 0 or addr + size > 1 << 64:
+    def _transfer(self, fn: object, addr: int, size: int) -> int:
+        """Move ``size`` bytes between the caller's ``addr`` and ``_BUF`` (one process_vm call)."""
+        if addr < 0 or addr + size > 1 << 64 or size > _CHUNK:
             return -1
-        local = _Iovec(ctypes.addressof(buf), size)
-        remote = _Iovec(addr, size)
-        return int(fn(self.tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))  # type: ignore[operator]
+        _LOCAL.len = _REMOTE.len = size
+        _REMOTE.base = addr
+        return int(fn(self.tid, _LOCAL_P, 1, _REMOTE_P, 1, 0))  # type: ignore[operator]
 
     def read(self, addr: int, size: int) -> bytes:
-        if size == 0:
-            return b""
-        buf = ctypes.create_string_buffer(size)
-        if self._transfer(_readv, addr, buf, size) != size:
-            raise MemoryFault(addr, size)
-        return buf.raw
+        out = b""
+        while size > 0:  # (chunks: the one buffer holds _CHUNK bytes)
+            n = min(size, _CHUNK)
+            if self._transfer(_readv, addr, n) != n:
+                raise MemoryFault(addr, n)
+            out += ctypes.string_at(_BUF, n)
+            addr += n
+            size -= n
+        return out
 
     def write(self, addr: int, data: bytes) -> None:
         if not self.still_valid():
             raise LuoError(errno.ESRCH, "the caller is gone")
-        buf = ctypes.create_string_buffer(data, len(data))
-        if data and self._transfer(_writev, addr, buf, len(data)) != len(data):
+        if len(data) > _CHUNK:
+            raise MemoryFault(addr, len(data))
+        ctypes.memmove(_BUF, data, len(data))
+        if data and self._transfer(_writev, addr, len(data)) != len(data):
             raise MemoryFault(addr, len(data))
 
     def all_zero(self, addr: int, size: int) -> bool:

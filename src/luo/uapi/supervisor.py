@@ -24,7 +24,7 @@ from luo.client.connection import Connection
 from luo.errors import LuoError
 from luo.uapi import abi, ioctls
 from luo.uapi.control import ControlSocket, holders
-from luo.uapi.device import FileInfo, open_device, peer_pid, serve_device, serve_session
+from luo.uapi.device import FileInfo, Link, open_device, peer_pid, serve_device, serve_session
 from luo.uapi.procmem import Target
 from luo.uapi.seccomp import (
     NR_FALLOCATE,
@@ -188,14 +188,8 @@ class Supervisor:
         self.files = {k: v for k, v in self.files.items() if k[1] in inodes}
         self.sweep_at = max(SWEEP_AT, 2 * len(self.files))
 
-    def lookup(self, n: Notification, fd: int) -> tuple[socket.socket, FileInfo] | None:
-        """The caller's ``fd`` as our socket, if it is one we gave out (same inode, same peer)."""
-        identity = n.target.fd_identity(fd)
-        info = self.files.get(identity) if identity is not None else None
-        if info is None:
-            return None
-        if not n.attach():
-            return None
+    def take(self, n: Notification, fd: int, identity: tuple[int, int], info: FileInfo) -> socket.socket | None:
+        """The caller's ``fd`` as our socket, if it is still the one we gave out (inode and peer)."""
         try:
             mine = CallerView(self, n).take_fd(fd)
         except LuoError:
@@ -204,7 +198,7 @@ class Supervisor:
         try:
             st = os.fstat(mine)
             if (st.st_dev, st.st_ino) == identity and peer_pid(sock) == info.peer_pid:
-                return sock, info
+                return sock
         except OSError:
             pass
         sock.close()
@@ -260,16 +254,18 @@ class Supervisor:
 
     def on_ioctl(self, n: Notification) -> None:
         fd, cmd, argp = _s32(n.args[0]), n.args[1] & _U32, n.args[2]
-        found = self.lookup(n, fd) if fd >= 0 else None
-        if found is None:
+        identity = n.target.fd_identity(fd) if fd >= 0 else None
+        info = self.files.get(identity) if identity is not None else None
+        if info is None or identity is None:
             return n.proceed()  # an fd that is not ours: the kernel answers (ENOTTY, or its driver)
-        sock, info = found
-        with sock:
-            call = ioctls.decode(info.kind, cmd, argp, n.target)
-            if not n.attach():  # what was read must be the caller's
-                return n.proceed()
-            serve = serve_device if info.kind == "device" else serve_session
-            serve(sock, info, call, CallerView(self, n))
+        call = ioctls.decode(info.kind, cmd, argp, n.target)
+        if not n.attach():  # what was read must be the caller's
+            return n.proceed()
+        link = Link(info, lambda: self.take(n, fd, identity, info))
+        try:
+            (serve_device if info.kind == "device" else serve_session)(link, call, CallerView(self, n))
+        finally:
+            link.close()
         n.succeed(0)
 
     def on_resize(self, n: Notification) -> None:
