@@ -73,6 +73,11 @@ def format_update(r: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         st = c.status()
+    from luo.host.runtime import resolve_runtime_dir
+    from luo.uapi.control import ask_all
+
+    # each `luo run` supervisor answers for itself; one that does not within a second is listed so
+    st["luo_run"] = ask_all(str(resolve_runtime_dir(args.runtime_dir)), {"op": "status"}, timeout=1.0)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0

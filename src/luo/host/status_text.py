@@ -63,6 +63,18 @@ def format_status(st: dict[str, Any]) -> str:
     if isinstance(dev, dict):
         out.append(f"/dev/liveupdate: held by pid {dev.get('pid')}"
                    + (f" (for {dev['program']}, its claim)" if dev.get("program") else ""))
+    runs = st.get("luo_run") or []
+    if runs:
+        out.append(f"luo run supervisors ({len(runs)}):")
+        for r in runs:
+            if r.get("error"):
+                out.append(f"  pid {r.get('pid')}: {r['error']}")
+                continue
+            files = ", ".join(f"{f.get('name')}" + (" (retrieved)" if f.get("incoming") else "")
+                              + (f" [host {f.get('host_pid')}]" if f.get("host_pid") != st.get("pid") else "")
+                              for f in r.get("files", []))
+            out.append(f"  pid {r.get('pid')}: {r.get('program')}  calls served {r.get('served')}  "
+                       f"fds given: {files or '-'}")
     fs = st.get("fd_store")
     if isinstance(fs, dict):
         out.append(f"fd store: {fs.get('kind')}, {fs.get('keys')} fds mirrored"

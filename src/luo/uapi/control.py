@@ -94,8 +94,8 @@ class ControlSocket:
         if uid not in (0, os.getuid()):
             raise LuoError(errno.EPERM, f"uid {uid} may not control this luo run supervisor")
         op = fields.choice(msg, "op", ("status", "reboot"))
-        if op == "status":
-            return ok(**sup.describe())
+        if op == "status":  # (after the move to the background the pid is not the socket's name)
+            return ok(pid=os.getpid(), **sup.describe())
         host_pid = fields.integer(msg, "host_pid", 1, 1 << 22)
         return ok(killed=end_stale_holders(sup, host_pid))
 
@@ -179,7 +179,8 @@ def ask_all(runtime_dir: str, msg: dict[str, Any], timeout: float = 10.0) -> lis
         except LuoError as e:
             out.append({"pid": int(path.stem) if path.stem.isdigit() else 0, "error": str(e)})
             continue
-        reply["pid"] = int(path.stem) if path.stem.isdigit() else 0
+        reply.setdefault("pid", int(path.stem) if path.stem.isdigit() else 0)
+        reply.pop("errno", None)
         out.append(reply)
     return out
 
