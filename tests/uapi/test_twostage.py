@@ -24,7 +24,12 @@ def stage1(progs: Programs, host: HostProcess, luo: Runner, name: str) -> int:
     holder = read_pid(pidfile)
     luo.pids.append(holder)
     assert alive(holder), "the stage-1 holder is not running"
-    have = sessions(host)
+    st = status(host)
+    have = {s["name"]: s for s in st["sessions"]}
+    # the background supervisor serving the holder lists what it gave out, for the operator
+    given = {f["name"] for run in st["luo_run"] for f in run.get("files", [])}
+    assert {f"{name}_{suffix}" for suffix in EXPECTED_FILES} <= given, st["luo_run"]
+    assert any(run["pid"] != os.getpid() and "luo_twostage" in run["program"] for run in st["luo_run"])
     for suffix, tokens in EXPECTED_FILES.items():
         s = have.get(f"{name}_{suffix}")
         assert s is not None, f"{name}_{suffix} missing from luo status: {sorted(have)}"
