@@ -49,12 +49,13 @@ def cmd_update(args: argparse.Namespace) -> int:
         from luo.host.runtime import resolve_runtime_dir
         from luo.uapi.control import reboot
 
-        result["rebooted"] = reboot(str(resolve_runtime_dir(args.runtime_dir)), int(result["new_pid"]))
+        result["rebooted"], result["reboot_errors"] = reboot(str(resolve_runtime_dir(args.runtime_dir)),
+                                                             int(result["new_pid"]))
     if args.json:
         print(json.dumps(result))
     else:
         print(format_update(result))
-    return 0
+    return 1 if result.get("reboot_errors") else 0  # the update happened; the asked reboot did not
 
 
 def format_update(r: dict[str, Any]) -> str:
@@ -64,6 +65,7 @@ def format_update(r: dict[str, Any]) -> str:
     if "rebooted" in r:
         lines.append(f"  reboot: ended {len(r['rebooted'])} luo run process(es) holding pre-update sessions"
                      + (f": {', '.join(map(str, r['rebooted']))}" if r["rebooted"] else ""))
+        lines += [f"  reboot: NOT DONE by {e}" for e in r.get("reboot_errors", [])]
     for name, vm in sorted(r.get("vms", {}).items()):
         parts = ", ".join(f"{k} {v:.2f}" for k, v in vm.get("parts_ms", {}).items())
         lines.append(f"  vm {name}: blackout {vm['blackout_ms']:.2f} ms ({parts})")

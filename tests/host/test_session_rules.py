@@ -255,3 +255,18 @@ def test_program_is_shown_as_the_clients_claim(host: HostProcess) -> None:
     assert entry["retrieved_by"]["program"] == "luo-run for stage 2"
     assert "retrieved by" in host.luo("status").stdout
     back.finish()
+
+
+def test_the_device_holder_may_only_do_what_the_ioctls_do(host: HostProcess) -> None:
+    """Under `luo run` the holder's connection is the program's own fd, made with the supervisor's
+    credentials: writing to it must not reach an update, the VMs or a KHO dump."""
+    c = host.client()
+    c.open_device("a program")
+    for op in ("status", "update", "kho_dump", "vm_list"):
+        e = refused(lambda op=op: c.call(op))
+        assert e.errno == errno.EPERM and "not a /dev/liveupdate operation" in e.message, (op, e)
+    assert c.state.label == "normal"  # get_state is an ioctl (RFC v2 GET_STATE)
+    s = c.create_session("held-device")
+    assert s.get_name() == "held-device"
+    c.close_device()
+    assert "state" in c.status()  # released: an ordinary connection again

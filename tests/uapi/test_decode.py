@@ -130,3 +130,42 @@ def test_session_names(raw: bytes, ok: bool) -> None:
         with pytest.raises(LuoError) as e:
             c_name(raw)
         assert e.value.errno == errno.EINVAL
+
+
+def run_filter(arch: int, nr: int, arg1: int) -> int:
+    """Interpret luo run's seccomp filter (the few classic BPF opcodes it uses) for one call."""
+    from luo.uapi import bpf
+
+    prog = bpf.program()
+    data = struct.pack("<iIQ6Q", nr, arch, 0, 0, arg1, 0, 0, 0, 0)
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = struct.unpack_from("<HBBI", prog, pc * 8)
+        pc += 1
+        if code == bpf.LD_W_ABS:
+            acc = struct.unpack_from("<I", data, k)[0]
+        elif code == bpf.AND_K:
+            acc &= k
+        elif code in (bpf.JEQ_K, bpf.JGE_K):
+            taken = acc == k if code == bpf.JEQ_K else acc >= k
+            pc += jt if taken else jf
+        elif code == bpf.RET_K:
+            return k
+        else:
+            raise AssertionError(f"opcode {code:#x}")
+
+
+def test_the_filter_selects_exactly_the_calls_luo_run_serves() -> None:
+    from luo.uapi import seccomp as sc
+
+    notify, allow = sc.SECCOMP_RET_USER_NOTIF, sc.SECCOMP_RET_ALLOW
+    x86 = sc.AUDIT_ARCH_X86_64
+    for nr in (sc.NR_OPEN, sc.NR_OPENAT, sc.NR_OPENAT2, sc.NR_CREAT, sc.NR_FTRUNCATE, sc.NR_FALLOCATE):
+        assert run_filter(x86, nr, 0) == notify, nr
+    assert run_filter(x86, sc.NR_IOCTL, 0xBA00) == notify
+    assert run_filter(x86, sc.NR_IOCTL, 0xFFFF_FFFF_C010_BA43) == notify  # only the low 32 bits count
+    assert run_filter(x86, sc.NR_IOCTL, 0x541B) == allow  # FIONREAD
+    for nr in (0, 1, 3, 59, 231):  # read, write, close, execve, exit_group
+        assert run_filter(x86, nr, 0xBA00) == allow, nr
+    assert run_filter(x86, sc.X32_SYSCALL_BIT | sc.NR_OPENAT, 0) == allow
+    assert run_filter(0x40000003, 5, 0) == allow  # i386: open is 5 there

@@ -32,6 +32,11 @@ SEND_TIMEOUT = 2  # seconds
 
 Reply = tuple[dict[str, Any], list[int]]
 DEFERRED: Reply = ({"deferred": True}, [])  # the op answers later, through Host.defer
+# What a connection holding /dev/liveupdate may ask: the device's ioctls (v7.3 and RFC v2). Under
+# `luo run` that connection is the program's own fd, opened with the supervisor's credentials, and
+# the program can write to it: it must not reach an update, the VMs or a KHO dump through it.
+DEVICE_OPS = frozenset({"open_device", "close_device", "create_session", "retrieve_session", "preserve_fd",
+                        "unpreserve_fd", "restore_fd", "get_state", "prepare", "freeze", "cancel", "finish"})
 MAX_OP = 64  # characters of an op name; the longest is a third of that
 
 
@@ -291,5 +296,8 @@ class Host:
         fn, privileged = entry
         if privileged and not c.peer.privileged:
             raise LuoError(errno.EPERM, f"uid {c.peer.uid} may not {op}: only root or the host's user may")
+        if self.device is c and op not in DEVICE_OPS:
+            raise LuoError(errno.EPERM, f"{op!r} is not a /dev/liveupdate operation: a connection that holds the "
+                           "device (a program's fd under `luo run`) may only do what its ioctls do")
         return fn(c, msg, fds)
 

@@ -110,9 +110,10 @@ def _buffer(size: int) -> memoryview:
     return memoryview(buf)[:size]
 
 
-def recv_msg(sock: socket.socket, max_size: int = MAX_MSG) -> tuple[dict[str, Any], list[int]] | None:
+def recv_msg(sock: socket.socket, max_size: int = MAX_MSG,
+             recv_flags: int = 0) -> tuple[dict[str, Any], list[int]] | None:
     """One message of at most ``max_size`` bytes and its fds (close-on-exec), or None at EOF.
-    (The buffer is allocated once per thread, see ``_buffer``.)
+    (The buffer is allocated once per thread, see ``_buffer``.) ``recv_flags``: e.g. MSG_DONTWAIT.
 
     Whatever the peer sent, this raises only OSError (from the socket) or LuoError: EMSGSIZE for a
     truncated message, EINVAL for anything that is not a JSON object within MAX_DEPTH levels with
@@ -121,7 +122,7 @@ def recv_msg(sock: socket.socket, max_size: int = MAX_MSG) -> tuple[dict[str, An
     fds = array.array("i")
     buf = _buffer(max_size)
     size, anc, flags, _ = sock.recvmsg_into([buf], socket.CMSG_SPACE(SCM_MAX_FD * fds.itemsize),
-                                            socket.MSG_CMSG_CLOEXEC)
+                                            socket.MSG_CMSG_CLOEXEC | recv_flags)
     data = bytes(buf[:size])
     try:
         for level, kind, payload in anc:

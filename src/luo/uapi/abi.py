@@ -64,8 +64,7 @@ class Ioctl:
     cmd: int
     on: On
     layout: str  # struct format of the argument, native alignment made explicit; "" for none
-    kernel: str  # the kernel version whose behaviour luo follows for it
-    extensible: bool  # v7.3 size-first struct (min size = the whole struct, as every op's last member)
+    kernel: str  # the kernel version whose behaviour luo follows for it (docs/uapi.md, per rule)
 
     @property
     def size(self) -> int:
@@ -82,12 +81,12 @@ FINISH_ARG = "<II"
 # struct liveupdate_session_get_name: { u32 size; u32 reserved; u8 name[64]; }
 GET_NAME_ARG = "<II64s"
 
-CREATE_SESSION = Ioctl("LIVEUPDATE_IOCTL_CREATE_SESSION", io(0x00), "device", SESSION_ARG, "6.19", True)
-RETRIEVE_SESSION = Ioctl("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", io(0x01), "device", SESSION_ARG, "6.19", True)
-PRESERVE_FD = Ioctl("LIVEUPDATE_SESSION_PRESERVE_FD", io(0x40), "session", FD_ARG, "7.3", True)
-RETRIEVE_FD = Ioctl("LIVEUPDATE_SESSION_RETRIEVE_FD", io(0x41), "session", FD_ARG, "7.3", True)
-FINISH = Ioctl("LIVEUPDATE_SESSION_FINISH", io(0x42), "session", FINISH_ARG, "7.3", True)
-GET_NAME = Ioctl("LIVEUPDATE_SESSION_GET_NAME", io(0x43), "session", GET_NAME_ARG, "7.2", True)
+CREATE_SESSION = Ioctl("LIVEUPDATE_IOCTL_CREATE_SESSION", io(0x00), "device", SESSION_ARG, "6.19")
+RETRIEVE_SESSION = Ioctl("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", io(0x01), "device", SESSION_ARG, "6.19")
+PRESERVE_FD = Ioctl("LIVEUPDATE_SESSION_PRESERVE_FD", io(0x40), "session", FD_ARG, "6.19")
+RETRIEVE_FD = Ioctl("LIVEUPDATE_SESSION_RETRIEVE_FD", io(0x41), "session", FD_ARG, "6.19")
+FINISH = Ioctl("LIVEUPDATE_SESSION_FINISH", io(0x42), "session", FINISH_ARG, "7.3")
+GET_NAME = Ioctl("LIVEUPDATE_SESSION_GET_NAME", io(0x43), "session", GET_NAME_ARG, "7.2")
 
 DEVICE_BASE = 0x00  # LIVEUPDATE_CMD_BASE: the device's table is nr 0x00..0x01
 SESSION_BASE = 0x40  # LIVEUPDATE_CMD_SESSION_BASE: a session's table is nr 0x40..0x43
@@ -98,14 +97,14 @@ SESSION_TABLE: dict[int, Ioctl] = {ioc_nr(i.cmd): i for i in (PRESERVE_FD, RETRI
 # struct liveupdate_fd { int fd; __u32 flags; __u64 token; }  (16 bytes; no size field)
 LIVEUPDATE_FD = "<iIQ"
 _FD_SIZE = struct.calcsize(LIVEUPDATE_FD)
-FD_PRESERVE = Ioctl("LIVEUPDATE_IOCTL_FD_PRESERVE", iowr(0x00, _FD_SIZE), "device", LIVEUPDATE_FD, "RFC v2", False)
-FD_UNPRESERVE = Ioctl("LIVEUPDATE_IOCTL_FD_UNPRESERVE", iow(0x01, 8), "device", "<Q", "RFC v2", False)
-FD_RESTORE = Ioctl("LIVEUPDATE_IOCTL_FD_RESTORE", iowr(0x02, _FD_SIZE), "device", LIVEUPDATE_FD, "RFC v2", False)
-GET_STATE = Ioctl("LIVEUPDATE_IOCTL_GET_STATE", ior(0x03, 4), "device", "<I", "RFC v2", False)  # enum: 4 bytes
-EVENT_PREPARE = Ioctl("LIVEUPDATE_IOCTL_EVENT_PREPARE", io(0x04), "device", "", "RFC v2", False)
-EVENT_FREEZE = Ioctl("LIVEUPDATE_IOCTL_EVENT_FREEZE", io(0x05), "device", "", "RFC v2", False)
-EVENT_CANCEL = Ioctl("LIVEUPDATE_IOCTL_EVENT_CANCEL", io(0x06), "device", "", "RFC v2", False)
-EVENT_FINISH = Ioctl("LIVEUPDATE_IOCTL_EVENT_FINISH", io(0x07), "device", "", "RFC v2", False)
+FD_PRESERVE = Ioctl("LIVEUPDATE_IOCTL_FD_PRESERVE", iowr(0x00, _FD_SIZE), "device", LIVEUPDATE_FD, "RFC v2")
+FD_UNPRESERVE = Ioctl("LIVEUPDATE_IOCTL_FD_UNPRESERVE", iow(0x01, 8), "device", "<Q", "RFC v2")
+FD_RESTORE = Ioctl("LIVEUPDATE_IOCTL_FD_RESTORE", iowr(0x02, _FD_SIZE), "device", LIVEUPDATE_FD, "RFC v2")
+GET_STATE = Ioctl("LIVEUPDATE_IOCTL_GET_STATE", ior(0x03, 4), "device", "<I", "RFC v2")  # enum: 4 bytes
+EVENT_PREPARE = Ioctl("LIVEUPDATE_IOCTL_EVENT_PREPARE", io(0x04), "device", "", "RFC v2")
+EVENT_FREEZE = Ioctl("LIVEUPDATE_IOCTL_EVENT_FREEZE", io(0x05), "device", "", "RFC v2")
+EVENT_CANCEL = Ioctl("LIVEUPDATE_IOCTL_EVENT_CANCEL", io(0x06), "device", "", "RFC v2")
+EVENT_FINISH = Ioctl("LIVEUPDATE_IOCTL_EVENT_FINISH", io(0x07), "device", "", "RFC v2")
 
 RFC_V2: dict[int, Ioctl] = {
     i.cmd: i
@@ -114,8 +113,6 @@ RFC_V2: dict[int, Ioctl] = {
 }
 EVENTS = {EVENT_PREPARE.cmd: "prepare", EVENT_FREEZE.cmd: "freeze", EVENT_CANCEL.cmd: "cancel",
           EVENT_FINISH.cmd: "finish"}
-
-ALL: tuple[Ioctl, ...] = (*DEVICE_TABLE.values(), *SESSION_TABLE.values(), *RFC_V2.values())
 
 # The two generations never share a command value (the device dispatches on it).
 assert not set(RFC_V2) & {i.cmd for i in DEVICE_TABLE.values()}

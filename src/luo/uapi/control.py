@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from luo.errors import LuoError
 from luo.host import fields
 from luo.host.wire import error_reply, ok, raise_for, recv_msg, send_msg
-from luo.uapi.seccomp import pidfd_open
+from luo.uapi.seccomp import pidfd_open, pidfd_send_signal
 
 if TYPE_CHECKING:
     from luo.uapi.supervisor import Supervisor
@@ -48,9 +48,12 @@ class ControlSocket:
         try:
             self.path.unlink(missing_ok=True)
             self.sock.bind(str(self.path))
+            self.sock.listen(8)
+        except OSError:
+            self.sock.close()
+            raise
         finally:
             os.umask(old)
-        self.sock.listen(8)
         self.sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -83,7 +86,7 @@ class ControlSocket:
             except OSError:
                 return
             try:
-                send_msg(conn, reply)
+                send_msg(conn, reply, large=True)  # (the files of thousands of sessions)
             except OSError:
                 pass
 
@@ -100,14 +103,13 @@ class ControlSocket:
         return ok(killed=end_stale_holders(sup, host_pid))
 
 
-def holders(inodes: set[int]) -> dict[int, set[int]]:
-    """pid -> the inodes among ``inodes`` it holds an fd of (a scan of /proc/*/fd)."""
+def holders(inodes: set[int], only: int | None = None) -> dict[int, set[int]]:
+    """pid -> the inodes among ``inodes`` it holds an fd of (a scan of /proc/*/fd, or of ``only``)."""
     want = {f"socket:[{ino}]": ino for ino in inodes}
     found: dict[int, set[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
+    names = [str(only)] if only is not None else [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    for name in names:
+        pid = int(name)
         try:
             names = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -124,28 +126,44 @@ def holders(inodes: set[int]) -> dict[int, set[int]]:
 
 
 def end_stale_holders(sup: Supervisor, host_pid: int) -> list[int]:
-    """SIGKILL every process holding a file of a host other than ``host_pid``; wait until gone."""
+    """SIGKILL every process holding a file of a host other than ``host_pid``; wait until gone.
+
+    Each one is signalled through a pidfd opened *before* checking, once more, that it holds such
+    a file, so a pid reused meanwhile is never hit. Returns the pids that are gone."""
     stale = {ino for (_dev, ino), info in sup.files.items() if info.host_pid != host_pid}
     if not stale:
         return []
-    pids = sorted(p for p in holders(stale) if p != os.getpid())
-    pidfds: list[int] = []
-    for pid in pids:
-        try:
-            pidfds.append(pidfd_open(pid))
-            os.kill(pid, signal.SIGKILL)
-        except (LuoError, ProcessLookupError):
-            continue
-    deadline = time.monotonic() + KILL_WAIT
+    pidfds: dict[int, int] = {}
     try:
-        for pfd in pidfds:
-            left = max(0.0, deadline - time.monotonic())
-            select.select([pfd], [], [], left)
+        for pid in sorted(p for p in holders(stale) if p != os.getpid()):
+            try:
+                pfd = pidfd_open(pid)
+            except LuoError:
+                continue  # gone already
+            pidfds[pid] = pfd
+            if not holders_among(pid, stale):
+                continue
+            try:
+                pidfd_send_signal(pfd, signal.SIGKILL)
+            except LuoError as e:
+                log.warning("reboot: cannot end pid %d: %s", pid, e)
+        gone = []
+        deadline = time.monotonic() + KILL_WAIT
+        for pid, pfd in pidfds.items():
+            p = select.poll()
+            p.register(pfd, select.POLLIN)
+            if p.poll(max(0.0, deadline - time.monotonic()) * 1000.0):
+                gone.append(pid)
     finally:
-        for pfd in pidfds:
+        for pfd in pidfds.values():
             os.close(pfd)
-    log.info("reboot: ended %s (they held files of a host before pid %d)", pids, host_pid)
-    return pids
+    log.info("reboot: ended %s (they held files of a host before pid %d)", gone, host_pid)
+    return gone
+
+
+def holders_among(pid: int, inodes: set[int]) -> bool:
+    """Does ``pid`` hold an fd of one of these socket inodes?"""
+    return pid in holders(inodes, only=pid)
 
 
 def ask_all(runtime_dir: str, msg: dict[str, Any], timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -155,6 +173,7 @@ def ask_all(runtime_dir: str, msg: dict[str, Any], timeout: float = 10.0) -> lis
     if not d.is_dir():
         return out
     for path in sorted(d.glob("*.sock")):
+        named = int(path.stem) if path.stem.isdigit() else 0
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         s.settimeout(timeout)
         try:
@@ -165,7 +184,7 @@ def ask_all(runtime_dir: str, msg: dict[str, Any], timeout: float = 10.0) -> lis
             path.unlink(missing_ok=True)  # a supervisor that is gone
             continue
         except OSError as e:
-            out.append({"pid": int(path.stem) if path.stem.isdigit() else 0, "error": str(e)})
+            out.append({"pid": named, "error": str(e)})
             continue
         finally:
             s.close()
@@ -177,19 +196,22 @@ def ask_all(runtime_dir: str, msg: dict[str, Any], timeout: float = 10.0) -> lis
         try:
             raise_for(reply)
         except LuoError as e:
-            out.append({"pid": int(path.stem) if path.stem.isdigit() else 0, "error": str(e)})
+            out.append({"pid": named, "error": str(e)})
             continue
-        reply.setdefault("pid", int(path.stem) if path.stem.isdigit() else 0)
+        reply.setdefault("pid", named)
         reply.pop("errno", None)
         out.append(reply)
     return out
 
 
-def reboot(runtime_dir: str, host_pid: int) -> list[int]:
-    """End the holders of pre-update files in every supervisor; returns the pids ended."""
+def reboot(runtime_dir: str, host_pid: int) -> tuple[list[int], list[str]]:
+    """End the holders of pre-update files in every supervisor: the pids ended, and a sentence
+    for each supervisor that could not do it (the update itself has succeeded either way)."""
     killed: list[int] = []
+    errors: list[str] = []
     for reply in ask_all(runtime_dir, {"op": "reboot", "host_pid": host_pid}):
         if "error" in reply:
-            raise LuoError(errno.EIO, f"luo run supervisor {reply['pid']}: {reply['error']}")
-        killed += [int(p) for p in reply.get("killed", [])]
-    return sorted(killed)
+            errors.append(f"luo run supervisor {reply['pid']}: {reply['error']}")
+        else:
+            killed += [int(p) for p in reply.get("killed", [])]
+    return sorted(killed), errors

@@ -8,11 +8,13 @@ copy unpreserves (created) or finishes (retrieved) it, a fork shares it, and if 
 itself dies nothing preserved is lost (the program still holds its sessions; only its ioctls
 stop being served).
 
-For each call the supervisor takes the program's fd (pidfd_getfd, the same open file), checks
-it is still the socket it installed (same inode, same peer), sends the request on it and reads
-the answer. A socket whose host is gone (a live update handed everything to the successor, or
-luod exited) is *stale*: every call gives ENODEV and closing it changes nothing on the new
-host. A kexec would have killed its holders; here they may live on (``luo update --reboot``).
+For a call that needs luod the supervisor takes the program's fd (pidfd_getfd, the same open
+file), checks it is still the socket it installed (same inode, same peer), sends the request on
+it and reads the answer. A socket whose host is gone (a live update handed everything to the
+successor, or luod exited) is *stale*: every call that needs a host gives ENODEV (GET_NAME still
+answers the name) and closing it changes nothing on the new host. A kexec would have killed its
+holders; here they may live on (``luo update --reboot``). luod lets a connection holding the
+device do only what the device's ioctls do (``DEVICE_OPS``): the program could write to it.
 
 The caller (the supervised thread) is reached through ``Caller``. ioctls that make an fd follow
 the kernel's order as far as a supervisor can: the struct is checked writable before anything
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +35,12 @@ from typing import Any, Literal, Protocol
 
 from luo.core.states import State
 from luo.errors import LuoError
-from luo.host.wire import raise_for, recv_msg, send_msg
+from luo.host.wire import close_fds, raise_for, recv_msg, send_msg
 from luo.uapi import abi
 from luo.uapi.ioctls import Call, Memory, c_name, c_name_bytes
 
 REPLY_MAX = 1 << 16  # bytes of a reply to a device or session request (they are small)
+REQUEST_TIMEOUT = 30.0  # seconds luod may take to answer (an update in progress delays it)
 
 
 class Caller(Protocol):
@@ -49,6 +54,9 @@ class Caller(Protocol):
 
     def give_session(self, sock: int, info: FileInfo) -> int:
         """Put session socket ``sock`` into the caller (O_CLOEXEC), remembered as ``info``."""
+
+    def check_fd_room(self) -> None:
+        """EMFILE if the caller has no free fd (checked before a request that cannot be undone)."""
 
 
 @dataclass(frozen=True)
@@ -103,34 +111,62 @@ class Link:
             self._sock = None
 
 
-def request(link: Link, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
-    """One request on the program's own socket; a host that is gone makes it ENODEV."""
+def request(link: Link, msg: dict[str, Any], fds: tuple[int, ...] = (), *,
+            want_fd: bool = False) -> tuple[dict[str, Any], int | None]:
+    """One request on the program's own socket: its answer, and with ``want_fd`` the one fd that
+    came with it (any other fd is closed). A host that is gone makes it ENODEV.
+
+    The socket is the program's too, so the program can change it under us: the file may be
+    O_NONBLOCK (so we poll and never block in a call), there may be answers to requests it sent
+    itself (read and dropped before ours), and it may even read our answer (we give up after
+    REQUEST_TIMEOUT instead of hanging every supervised thread)."""
     info = link.info
     what = "this /dev/liveupdate fd" if info.kind == "device" else f"session {info.name!r}"
+    gone = stale_error(what, f"luod pid {info.host_pid} ended: a live update or an exit")
     sock = link.sock
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     try:
-        send_msg(sock, msg, fds)
-        got = recv_msg(sock, REPLY_MAX)
+        while _wait(sock, select.POLLIN, 0.0):  # drop what is already there: not an answer to us
+            got = recv_msg(sock, REPLY_MAX, socket.MSG_DONTWAIT)
+            if got is None:
+                raise gone
+            close_fds(got[1])
+        while True:
+            try:
+                send_msg(sock, msg, fds)
+                break
+            except BlockingIOError:
+                if not _wait(sock, select.POLLOUT, deadline - time.monotonic()):
+                    raise LuoError(errno.ETIMEDOUT, f"luod does not take requests on {what}") from None
+        while True:
+            if not _wait(sock, select.POLLIN, deadline - time.monotonic()):
+                raise LuoError(errno.ETIMEDOUT, f"no answer from luod on {what} in {REQUEST_TIMEOUT:.0f} s")
+            try:
+                got = recv_msg(sock, REPLY_MAX, socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:  # the program read it first; wait for the deadline
+                continue
     except (BrokenPipeError, ConnectionResetError):
-        got = None
+        raise gone from None
     if got is None:
-        raise stale_error(what, f"luod pid {info.host_pid} ended: a live update or an exit")
+        raise gone
     reply, rfds = got
     try:
         raise_for(reply)
-    except LuoError:
-        for fd in rfds:
-            os.close(fd)
-        raise
-    return reply, rfds
+        if not want_fd:
+            return reply, None
+        if len(rfds) != 1:
+            raise LuoError(errno.EPROTO, f"luod answered {msg.get('op')} with {len(rfds)} fds, not one")
+        return reply, rfds.pop()
+    finally:
+        close_fds(rfds)
 
 
-def _one_fd(op: str, fds: list[int]) -> int:
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise LuoError(errno.EPROTO, f"luod answered {op} without exactly one fd")
-    return fds[0]
+def _wait(sock: socket.socket, events: int, timeout: float) -> bool:
+    """Is ``sock`` ready for ``events`` (or hung up) within ``timeout`` seconds?"""
+    p = select.poll()
+    p.register(sock.fileno(), events)
+    return bool(p.poll(max(0.0, timeout) * 1000.0))
 
 
 def serve_device(link: Link, call: Call, caller: Caller) -> None:
@@ -140,8 +176,10 @@ def serve_device(link: Link, call: Call, caller: Caller) -> None:
         name = c_name(call.fields[2])
         call.answer(caller.mem)  # the kernel fails with EFAULT before creating anything
         which = "create_session" if op is abi.CREATE_SESSION else "retrieve_session"
-        reply, fds = request(link, {"op": which, "name": name, "program": info.program})
-        session = _one_fd(which, fds)
+        if which == "retrieve_session":  # cannot be repeated: EMFILE before, as the kernel does
+            caller.check_fd_room()
+        reply, session = request(link, {"op": which, "name": name, "program": info.program}, want_fd=True)
+        assert session is not None
         # a session luod held for its owner since a crash comes back as what it was: outgoing
         incoming = which == "retrieve_session" and not reply.get("recovered")
         try:
@@ -169,8 +207,10 @@ def serve_device(link: Link, call: Call, caller: Caller) -> None:
         if flags:
             raise LuoError(errno.EINVAL, f"FD_RESTORE: flags {flags:#x} are not zero (RFC v2 defines none)")
         call.answer(caller.mem)
-        _, fds = request(link, {"op": "restore_fd", "token": token})
-        _give_answer(call, caller, _one_fd("restore_fd", fds), "f0")
+        caller.check_fd_room()  # RFC v2 restore cannot be repeated: fail before, as the kernel does
+        _, fd = request(link, {"op": "restore_fd", "token": token}, want_fd=True)
+        assert fd is not None
+        _give_answer(call, caller, fd, "f0")
     elif op is abi.GET_STATE:
         call.answer(caller.mem, f0=_state(link))
     elif op.cmd in abi.EVENTS:
@@ -226,8 +266,9 @@ def serve_session(link: Link, call: Call, caller: Caller) -> None:
         if not info.incoming:
             raise LuoError(errno.EINVAL, f"session {info.name!r} was created here: nothing to retrieve")
         call.answer(caller.mem)
-        _, fds = request(link, {"op": "retrieve_fd", "token": token})
-        _give_answer(call, caller, _one_fd("retrieve_fd", fds), "f1")
+        _, fd = request(link, {"op": "retrieve_fd", "token": token}, want_fd=True)
+        assert fd is not None
+        _give_answer(call, caller, fd, "f1")
     elif op is abi.FINISH:
         _size, reserved = call.fields
         if reserved:  # v7.3

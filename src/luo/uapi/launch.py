@@ -1,11 +1,12 @@
 """``luo run``: start a program under the supervisor and give back its exit status.
 
 The child installs the filter between fork and exec and sends the listener fd to the parent,
-which supervises. The parent is an ancestor of everything it serves (pidfd_getfd needs ptrace
-rights over the caller). When the program exits but processes it started still run (a stage-1
-holder, a daemon), their calls must still be served, or every open would fail with ENOSYS: the
+which supervises. When the program exits but processes it started still run (a stage-1 holder,
+a daemon), their calls must still be served, or every open would fail with ENOSYS: the
 supervisor then continues in a background process of its own session (``luo-run`` in ps,
 logging to ``<runtime>/luo-run.log``) and the command returns the program's status at once.
+That process is no longer the callers' ancestor: ``pidfd_getfd`` and ``process_vm_readv`` need
+ptrace rights over them, which root has (and anyone where Yama's ptrace_scope is 0).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _child(argv: list[str], to_parent: socket.socket, program: bytes) -> None:
     """Between fork and exec: install the filter, hand over the listener, become the program."""
     code = 127
     try:
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; exec would keep that
+            signal.signal(sig, signal.SIG_DFL)
         listener = install_filter(program)
         socket.send_fds(to_parent, [b"L"], [listener])
         os.close(listener)
@@ -69,7 +72,7 @@ def run(argv: list[str], runtime_dir: str | None) -> int:
         parent_end.close()
         _child(argv, child_end, program)
     child_end.close()
-    _msg, fds, _flags, _addr = socket.recv_fds(parent_end, 1, 1)
+    _msg, fds, _flags, _addr = socket.recv_fds(parent_end, 1, 1, socket.MSG_CMSG_CLOEXEC)
     parent_end.close()
     if not fds:  # the child could not install the filter or send it: its status says why
         _, status = os.waitpid(pid, 0)
@@ -98,6 +101,8 @@ def _supervise(sup: Supervisor, pid: int, rt: str) -> int:
             if fd == pidfd:
                 _, st = os.waitpid(pid, 0)
                 status = _exit_code(st)
+    for sig in FORWARDED:  # the pid is free now: nothing may be sent to whoever gets it next
+        signal.signal(sig, signal.SIG_DFL)
     sup.ep.unregister(pidfd)
     os.close(pidfd)
     del sup.extra[pidfd]
@@ -131,8 +136,17 @@ def _background(sup: Supervisor, rt: str) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        # nothing the command line gave `luo run` (a harness's pipe, a jobserver) stays open here
+        keep = sup.own_fds()
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2 and int(name) not in keep:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
         _log_to(Path(rt) / "luo-run.log")
         set_process_name("luo-run")
+        sup.relisten()  # <runtime>/run/PID.sock under this process's own pid
         log.info("luo run %d: %s exited; serving the processes it started until they end", os.getpid(), sup.program)
         sup.serve_until_idle()
         log.info("luo run %d: no supervised process left (%d calls served)", os.getpid(), sup.served)

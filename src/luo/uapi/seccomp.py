@@ -10,24 +10,31 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import struct
 
 from luo.errors import LuoError
+
+log = logging.getLogger("luo.run")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 # syscall numbers (x86_64)
-NR_OPEN, NR_IOCTL, NR_FTRUNCATE, NR_OPENAT, NR_FALLOCATE = 2, 16, 77, 257, 285
-NR_SECCOMP, NR_PIDFD_OPEN, NR_OPENAT2, NR_PIDFD_GETFD = 317, 434, 437, 438
+NR_OPEN, NR_IOCTL, NR_FTRUNCATE, NR_CREAT, NR_OPENAT, NR_FALLOCATE = 2, 16, 77, 85, 257, 285
+NR_SECCOMP, NR_PIDFD_SEND_SIGNAL, NR_PIDFD_OPEN, NR_OPENAT2, NR_PIDFD_GETFD = 317, 424, 434, 437, 438
 X32_SYSCALL_BIT = 0x40000000
 AUDIT_ARCH_X86_64 = 0xC000003E
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+# Linux 5.19: once the supervisor has received a call, only SIGKILL interrupts the caller's wait.
+# Without it a signal (Go's SIGURG every 10 ms, a profiler, SIGSTOP/SIGCONT) makes the call return
+# EINTR or restart after the supervisor has done its work: a retrieve done twice, a session lost.
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 
@@ -88,9 +95,10 @@ def install_filter(program: bytes) -> int:
     prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
     if os.geteuid() != 0 and _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
         raise _err("prctl(PR_SET_NO_NEW_PRIVS)")
-    fd = _syscall(NR_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(prog))
+    flags = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    fd = _syscall(NR_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog))
     if fd < 0:
-        raise _err("seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER)")
+        raise _err("seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER | WAIT_KILLABLE_RECV) (Linux 5.19 or later)")
     return int(fd)
 
 
@@ -99,6 +107,12 @@ def pidfd_open(pid: int, flags: int = 0) -> int:
     if fd < 0:
         raise _err(f"pidfd_open({pid})")
     return int(fd)
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    """A signal to the process the pidfd names, never to a later process with its pid."""
+    if _syscall(NR_PIDFD_SEND_SIGNAL, ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0)) < 0:
+        raise _err(f"pidfd_send_signal({sig})")
 
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
@@ -119,8 +133,8 @@ class Listener:
 
     def enable_sync_wakeup(self) -> None:
         """Linux 6.6: wake the supervisor on the caller's CPU (a cheaper round trip). Optional."""
-        try:
-            fcntl.ioctl(self.fd, IOCTL_NOTIF_SET_FLAGS, struct.pack("<Q", SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP))
+        try:  # the kernel takes the flags by value, not through a pointer
+            fcntl.ioctl(self.fd, IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
             self.sync_wakeup = True
         except OSError:
             self.sync_wakeup = False
@@ -154,14 +168,19 @@ class Listener:
         self._send(RESP.pack(nid, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE))
 
     def _send(self, resp: bytes) -> None:
+        """Never raises: an answer that cannot be given (the caller was killed meanwhile: ENOENT)
+        leaves nothing to do, and the loop must go on."""
         try:
             fcntl.ioctl(self.fd, IOCTL_NOTIF_SEND, resp)
         except OSError as e:
-            if e.errno != errno.ENOENT:  # the caller was killed meanwhile: nothing to answer
-                raise
+            if e.errno != errno.ENOENT:
+                log.warning("luo run: answering a call failed: %s", e.strerror)
 
     def add_fd(self, nid: int, srcfd: int, cloexec: bool, send: bool = False) -> int:
         """Install ``srcfd`` in the caller; with ``send`` its number is also the call's return value."""
         flags = SECCOMP_ADDFD_FLAG_SEND if send else 0
         arg = bytearray(ADDFD.pack(nid, flags, srcfd, 0, os.O_CLOEXEC if cloexec else 0))
-        return fcntl.ioctl(self.fd, IOCTL_NOTIF_ADDFD, arg, True)
+        try:
+            return fcntl.ioctl(self.fd, IOCTL_NOTIF_ADDFD, arg, True)
+        except OSError as e:  # EMFILE: the caller has no fd left; ENOENT: it is gone
+            raise LuoError(e.errno or errno.EIO, f"cannot put an fd into the caller: {e.strerror}") from None

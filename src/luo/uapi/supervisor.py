@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import select
 import socket
 from pathlib import Path
@@ -27,6 +28,7 @@ from luo.uapi.control import ControlSocket, holders
 from luo.uapi.device import FileInfo, Link, open_device, peer_pid, serve_device, serve_session
 from luo.uapi.procmem import Target
 from luo.uapi.seccomp import (
+    NR_CREAT,
     NR_FALLOCATE,
     NR_FTRUNCATE,
     NR_IOCTL,
@@ -43,6 +45,11 @@ log = logging.getLogger("luo.run")
 
 _U32 = 0xFFFFFFFF
 SWEEP_AT = 1024  # remembered files before the first sweep for ones no process holds any more
+
+
+def _tgid(tid: int) -> int:
+    with open(f"/proc/{tid}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Tgid:")))
 
 
 def _s32(v: int) -> int:
@@ -92,6 +99,8 @@ class CallerView:
         except LuoError as e:
             raise LuoError(errno.ESRCH, f"the caller is gone: {e.message}") from None
         try:
+            if not self.n.attach():  # the pidfd must be the caller's, not a reuse of its tid
+                raise LuoError(errno.ESRCH, "the caller is gone")
             return pidfd_getfd(pidfd, fd)
         except LuoError as e:
             if e.errno == errno.EBADF:
@@ -105,6 +114,16 @@ class CallerView:
 
     def give_session(self, sock: int, info: FileInfo) -> int:
         return self.sup.install(self.n, sock, info, cloexec=True, send=False)
+
+    def check_fd_room(self) -> None:
+        try:
+            tgid = _tgid(self.n.tid)
+            soft, _hard = resource.prlimit(tgid, resource.RLIMIT_NOFILE)
+            used = sum(1 for _ in os.scandir(f"/proc/{self.n.tid}/fd"))
+        except (OSError, ValueError):
+            return  # cannot tell: the ADDFD itself will say EMFILE
+        if soft != resource.RLIM_INFINITY and used >= soft:
+            raise LuoError(errno.EMFILE, f"the caller has {used} fds open, its limit is {soft}")
 
 
 class Supervisor:
@@ -132,6 +151,23 @@ class Supervisor:
             return
         self.ep.register(self.control.fileno(), select.EPOLLIN)
 
+    def relisten(self) -> None:
+        """The background continuation answers under its own pid (the old name's pid is free)."""
+        if self.control is not None:
+            self.ep.unregister(self.control.fileno())
+            self.control.close()
+            self.control = None
+        self.listen()
+
+    def own_fds(self) -> set[int]:
+        """The fds the supervisor needs (everything else may be closed in the background)."""
+        fds = {self.listener.fd, self.ep.fileno(), *self.extra}
+        if self.control is not None:
+            fds.add(self.control.fileno())
+        if self._query is not None and self._query._sock is not None:
+            fds.add(self._query._sock.fileno())
+        return fds
+
     def describe(self) -> dict[str, object]:
         self.sweep()
         files = [{"kind": i.kind, "name": i.name, "incoming": i.incoming, "host_pid": i.host_pid}
@@ -143,16 +179,19 @@ class Supervisor:
         """Handle what is ready; returns the (fd, events) of fds in ``extra`` for the caller."""
         other: list[tuple[int, int]] = []
         for fd, ev in self.ep.poll(-1 if timeout is None else timeout):
-            if fd == self.listener.fd:
-                if ev & select.EPOLLIN:
-                    self.on_notification()
-                elif ev & (select.EPOLLHUP | select.EPOLLERR):
-                    self.listener_gone = True
-                    self.ep.unregister(fd)
-            elif self.control is not None and fd == self.control.fileno():
-                self.control.serve_one(self)
-            elif fd in self.extra:
-                other.append((fd, ev))
+            try:
+                if fd == self.listener.fd:
+                    if ev & select.EPOLLIN:
+                        self.on_notification()
+                    elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                        self.listener_gone = True
+                        self.ep.unregister(fd)
+                elif self.control is not None and fd == self.control.fileno():
+                    self.control.serve_one(self)
+                elif fd in self.extra:
+                    other.append((fd, ev))
+            except Exception:  # the loop must outlive any bug: a dead supervisor fails every open
+                log.exception("luo run: handling fd %d (events %#x) failed", fd, ev)
         return other
 
     def serve_until_idle(self) -> None:
@@ -162,10 +201,16 @@ class Supervisor:
         self.close_all()
 
     def close_all(self) -> None:
+        """No supervised process is left: close everything (the listener last)."""
         self.files.clear()
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self._query is not None:
+            self._query.close()
+            self._query = None
+        self.ep.close()
+        os.close(self.listener.fd)
 
     # -- the files we gave out -----------------------------------------------------------------
     def install(self, n: Notification, sock: int, info: FileInfo, cloexec: bool, send: bool) -> int:
@@ -194,14 +239,16 @@ class Supervisor:
             mine = CallerView(self, n).take_fd(fd)
         except LuoError:
             return None
-        sock = socket.socket(fileno=mine)
         try:
             st = os.fstat(mine)
-            if (st.st_dev, st.st_ino) == identity and peer_pid(sock) == info.peer_pid:
-                return sock
+            if (st.st_dev, st.st_ino) == identity:  # (another thread may have dup2'd anything over it)
+                sock = socket.socket(fileno=mine)
+                if peer_pid(sock) == info.peer_pid:
+                    return sock
+                sock.detach()
         except OSError:
             pass
-        sock.close()
+        os.close(mine)
         return None
 
     # -- calls ---------------------------------------------------------------------------------
@@ -215,7 +262,7 @@ class Supervisor:
         try:
             if nr == NR_IOCTL:
                 self.on_ioctl(n)
-            elif nr in (NR_OPENAT, NR_OPEN, NR_OPENAT2):
+            elif nr in (NR_OPENAT, NR_OPEN, NR_OPENAT2, NR_CREAT):
                 self.on_open(n)
             elif nr in (NR_FTRUNCATE, NR_FALLOCATE):
                 self.on_resize(n)
@@ -235,6 +282,8 @@ class Supervisor:
     def on_open(self, n: Notification) -> None:
         if n.nr == NR_OPEN:
             dirfd, path_ptr, flags = -100, n.args[0], n.args[1]
+        elif n.nr == NR_CREAT:
+            dirfd, path_ptr, flags = -100, n.args[0], os.O_CREAT | os.O_WRONLY | os.O_TRUNC
         else:
             dirfd, path_ptr = _s32(n.args[0]), n.args[1]
             flags = n.args[2]
@@ -248,6 +297,13 @@ class Supervisor:
                 return n.proceed()
         if n.target.resolve(dirfd, path) != abi.DEVICE_PATH or not n.attach():
             return n.proceed()
+        # what the kernel says before a character device's open runs
+        if flags & os.O_PATH:
+            return n.proceed()  # an O_PATH fd needs a node; there is none (ENOENT, docs/uapi.md)
+        if flags & os.O_DIRECTORY:
+            raise LuoError(errno.ENOTDIR, f"{abi.DEVICE_PATH} is not a directory")
+        if flags & (os.O_CREAT | os.O_EXCL) == os.O_CREAT | os.O_EXCL:
+            raise LuoError(errno.EEXIST, f"{abi.DEVICE_PATH} exists")
         sock, info = open_device(self.runtime_dir, self._program(n.tid))
         with sock:
             self.install(n, sock.fileno(), info, cloexec=bool(flags & os.O_CLOEXEC), send=True)
@@ -256,7 +312,7 @@ class Supervisor:
         fd, cmd, argp = _s32(n.args[0]), n.args[1] & _U32, n.args[2]
         identity = n.target.fd_identity(fd) if fd >= 0 else None
         info = self.files.get(identity) if identity is not None else None
-        if info is None or identity is None:
+        if info is None:
             return n.proceed()  # an fd that is not ours: the kernel answers (ENOTTY, or its driver)
         call = ioctls.decode(info.kind, cmd, argp, n.target)
         if not n.attach():  # what was read must be the caller's
@@ -275,7 +331,7 @@ class Supervisor:
         if link is None or not link.startswith("/memfd:"):
             return n.proceed()
         identity = n.target.fd_identity(fd)
-        if identity is None or not n.listener.id_valid(n.nid):
+        if identity is None or not n.attach():
             return n.proceed()
         if self._preserved(identity):
             what = "ftruncate" if n.nr == NR_FTRUNCATE else "fallocate"
@@ -285,25 +341,23 @@ class Supervisor:
             n.proceed()
 
     def _preserved(self, identity: tuple[int, int]) -> bool:
-        for attempt in (0, 1):
-            if self._query is None:
-                self._query = Connection(str(self.runtime_dir))
-            try:
-                reply, _ = self._query.call({"op": "preserved_size", "dev": identity[0], "ino": identity[1]})
-                return bool(reply.get("preserved"))
-            except LuoError as e:
-                self._query.close()
-                self._query = None
-                if e.errno in (errno.ECONNREFUSED, errno.ENOTTY) or attempt:
-                    return False  # no host (or one without the op): nothing is preserved by it
-        return False
+        """Does luod hold this inode preserved? No host (or one too old to say): nothing is, and the
+        truncate goes on (docs/uapi.md: the size is then only checked at prepare and freeze)."""
+        if self._query is None:
+            self._query = Connection(str(self.runtime_dir))  # (it reconnects once by itself)
+        try:
+            reply, _ = self._query.call({"op": "preserved_size", "dev": identity[0], "ino": identity[1]})
+        except LuoError:
+            self._query.close()
+            return False
+        return bool(reply.get("preserved"))
 
     def _program(self, tid: int) -> str:
+        """What the opener is, for `luo status`: "selftest pid 123 (luo run ./selftest --stage 1)"."""
         try:
-            with open(f"/proc/{tid}/status") as f:
-                tgid = next((line.split()[1] for line in f if line.startswith("Tgid:")), str(tid))
+            tgid = _tgid(tid)
             with open(f"/proc/{tgid}/comm") as f:
                 comm = f.read().strip()
-        except OSError:
-            return f"{self.program} (tid {tid})"
+        except (OSError, ValueError, StopIteration):
+            return f"{self.program} (tid {tid})"[:200]
         return f"{comm} pid {tgid} (luo run {self.program})"[:200]
