@@ -14,7 +14,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# plot: matplotlib and prometheus_client, for luo timeline --plot and luo metrics (docs/observe.md)
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,plot]'
 if [ -f guest/Makefile ]; then
   make -s -C guest
 fi
