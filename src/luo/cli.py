@@ -42,7 +42,9 @@ def cmd_event(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     from luo.client.update import update
+    from luo.observe.commands import after_update, before_update
 
+    before_update(args.plot)  # a plot that cannot be drawn is refused before updating
     result = update(args.runtime_dir, to=args.to, timeout=args.timeout, connect_timeout=args.connect_timeout,
                     faults=args.fault)
     if args.reboot:
@@ -51,11 +53,20 @@ def cmd_update(args: argparse.Namespace) -> int:
 
         result["rebooted"], result["reboot_errors"] = reboot(str(resolve_runtime_dir(args.runtime_dir)),
                                                              int(result["new_pid"]))
+    plot_error: LuoError | None = None
+    if args.plot:
+        try:
+            result["plot"] = str(after_update(args, result))
+        except LuoError as e:  # the update happened; only its picture is missing
+            plot_error = e
     if args.json:
         print(json.dumps(result))
     else:
-        print(format_update(result))
-    return 1 if result.get("reboot_errors") else 0  # the update happened; the asked reboot did not
+        print(format_update(result) + (f"\n  plot: {result['plot']}" if "plot" in result else ""))
+    if plot_error is not None:
+        print(f"luo update: updated, but no plot: {plot_error}", file=sys.stderr)
+    # the update happened; the asked reboot or plot did not
+    return 1 if result.get("reboot_errors") or plot_error is not None else 0
 
 
 def format_update(r: dict[str, Any]) -> str:
@@ -175,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)
     u.add_argument("--reboot", action="store_true",
                    help="then end every `luo run` process still holding a pre-update session, as a kexec would")
+    u.add_argument("--plot", default=None, metavar="FILE",
+                   help="then draw the update's timeline into FILE (.svg or .png; needs luo[plot])")
     s = add("status", cmd_status, "show state, preserved fds, sessions and VMs")
     s.add_argument("--json", action="store_true")
     dm = add("demo", cmd_demo, "the main job: a VM under load live-updated N times, blackouts reported")
@@ -203,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--file", default=None, help="a DTB file (e.g. a refused tree kept in <runtime>/updates)")
     d.add_argument("--raw", action="store_true", help="write the DTB itself to stdout")
     d.set_defaults(fn=cmd_kho_dump)
+    from luo.observe.commands import add_observe_commands
+
+    add_observe_commands(add)
     from luo.cli_vm import add_vm_commands
 
     add_vm_commands(sub)
