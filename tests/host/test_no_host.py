@@ -50,6 +50,8 @@ NOT_CLIENTS = {
     "qualify": "starts hosts of its own",
     "vm console": "reads the VM's console log from the runtime dir",
     "run": "runs a program; without a host its open of /dev/liveupdate fails with ENOENT (tests/uapi)",
+    "timeline": "reads an update record from the runtime dir (tests/observe)",
+    "metrics": "reads the update records; asks the host's status if one listens, else says luo_host_up 0 (tests/observe)",
 }
 
 
