@@ -71,3 +71,15 @@ def test_update_plot_refuses_before_updating(tmp_path: Path, capsys: pytest.Capt
     assert main(["--runtime-dir", str(tmp_path), "update", "--plot", str(tmp_path / "u.jpg")]) == 1
     assert capsys.readouterr().err.startswith("luo update: EINVAL: --plot")
     before_update(None)  # no plot asked: nothing to check
+
+
+def test_an_empty_record_draws_and_a_huge_one_is_refused(tmp_path: Path) -> None:
+    from luo.observe.timeline import from_record
+
+    assert plot(from_record({"liveupdate_number": 1}), tmp_path / "e.svg").stat().st_size > 0
+    huge = {"liveupdate_number": 1, "timeline": [{"lane": f"l{i}", "pid": 1, "phase": "p", "start_ns": i, "end_ns": i}
+                                                 for i in range(100)]}
+    with pytest.raises(LuoError) as e:
+        plot(from_record(huge), tmp_path / "h.svg")
+    assert e.value.errno == errno.EINVAL and "too many to draw" in e.value.message
+    assert not (tmp_path / "h.svg").exists()

@@ -20,6 +20,10 @@ from luo.errors import LuoError
 from luo.observe.timeline import Timeline
 
 FORMATS = (".svg", ".png")
+# A real update has 2 + 2 per VM lanes and a dozen phases per lane; a record asking for far more
+# is refused (EINVAL) rather than drawn into a figure of gigabytes. The table shows any record.
+MAX_LANES = 64
+MAX_BARS = 4000
 INSTALL_HINT = "pip install 'luo[plot]' (in a checkout: .venv/bin/pip install -e '.[plot]')"
 
 # One colour per phase name, the same in every plot; unknown names get a stable one from a palette.
@@ -62,6 +66,9 @@ def plot(tl: Timeline, path: str | Path) -> Path:
 
     lanes = tl.lanes()
     names = [ln.name for ln in lanes]
+    if len(lanes) > MAX_LANES or len(tl.phases) > MAX_BARS:
+        raise LuoError(errno.EINVAL, f"{tl.source}: {len(lanes)} lanes and {len(tl.phases)} phases are too many to "
+                       f"draw (at most {MAX_LANES} and {MAX_BARS}); `luo timeline` shows them as a table")
     zoom = _zoom_window(tl)
     rows = max(1, len(lanes))
     height = 1.6 + 0.5 * rows
