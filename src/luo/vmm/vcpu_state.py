@@ -1,10 +1,19 @@
 """One vCPU's architectural state: the boot entry state, and the save/restore pair.
 
-Save reads every piece with one ioctl each into preallocated structs (it runs inside the
-blackout); restore writes them back in the order kvm-notes found to work: CPUID, sregs, regs,
-XSAVE, XCRs, MSRs (not the TSC-deadline one), TSC offset, MP state, LAPIC, TSC deadline (KVM
-ignores it before the LAPIC is set), events, debug registers. The TSC itself is never written
-(MSR 0x10): that would freeze the guest clock for the length of the blackout.
+Save reads every piece with one ioctl each; restore writes them back in the order kvm-notes
+found to work: CPUID, sregs, regs, XSAVE, XCRs, MSRs (not the TSC-deadline one), TSC offset, MP
+state, LAPIC, TSC deadline (KVM ignores it before the LAPIC is set), events, debug registers. The
+TSC itself is never written (MSR 0x10): that would freeze the guest clock for the length of the
+blackout.
+
+Version 2 (the record's vCPU payload since issue 8 item 2) is one flat layout, ``V2_*`` below,
+that the ioctls read into and write from in place: ``v2_add_save_ops``/``v2_add_restore_ops``
+put this vCPU's ioctls in the VM's prepared batch (luo.vmm.kvm.batch) at VM creation, so inside
+the blackout nothing is allocated or converted. Restore skips what cannot differ from what the
+successor's fresh vCPU already holds: CPUID (set at creation; compared), the TSC offset when equal
+to the one read at creation (always, on PVM: the offset is 0), and a TSC deadline of 0 (disarmed,
+as in a fresh vCPU). The TSC deadline is read with the other MSRs (the last entry), one
+KVM_GET_MSRS instead of two. Version 1 (named blobs) is still read, and written by ``save_v1``.
 """
 
 from __future__ import annotations
@@ -13,18 +22,74 @@ import ctypes as C
 import errno
 import logging
 import struct
+from dataclasses import dataclass
 
 from luo.errors import LuoError
 from luo.vmm import cpuid as cpuid_mod
 from luo.vmm.kvm import ioctls as K
 from luo.vmm.kvm import structs as S
+from luo.vmm.kvm.batch import IoctlBatch
 from luo.vmm.kvm.sys import ioctl, ioctl_raw
 from luo.vmm.kvm.system import KvmSystem
 from luo.vmm.loader import BOOT_INFO_GPA, GDT_GPA, PML4_GPA
 from luo.vmm.state import check_version, pack_blobs, unpack_blobs
 
 log = logging.getLogger("luo.vmm")
-VERSION = 1
+VERSION = 2  # written by the fast path (record version 2)
+VERSION_V1 = 1  # named blobs: read, and written by save_v1()
+
+# Version 2 payload: head | the fixed structs below | CPUID (kvm_cpuid2) | MSRs (kvm_msrs, the
+# TSC deadline last when saved). Every offset is 8-aligned; the two variable parts come last so
+# the fixed ones sit at the same offsets whatever the CPUID and MSR counts.
+V2_HEAD = struct.Struct("<IIQ")  # flags, CPUID length, reserved
+V2_FLAG_TSC_OFFSET = 1
+
+
+def _v2_offsets() -> tuple[dict[str, tuple[int, int]], int]:
+    out, off = {}, V2_HEAD.size
+    for name, size in (("regs", C.sizeof(S.KvmRegs)), ("sregs", C.sizeof(S.KvmSregs)), ("xsave", C.sizeof(S.KvmXsave)),
+                       ("xcrs", C.sizeof(S.KvmXcrs)), ("lapic", C.sizeof(S.KvmLapicState)),
+                       ("events", C.sizeof(S.KvmVcpuEvents)), ("mp_state", 8), ("debugregs", C.sizeof(S.KvmDebugregs)),
+                       ("tsc_offset", 8)):
+        out[name] = (off, size)
+        off += size
+    return out, off
+
+
+V2_PARTS, V2_FIXED = _v2_offsets()
+V2_TSC = V2_PARTS["tsc_offset"][0]
+_MSRS_HEAD = struct.Struct("<II")
+_MSR = struct.Struct("<IIQ")
+_ATTR = struct.Struct("<IIQQ")  # kvm_device_attr
+V2_SAVE_SCRATCH = _ATTR.size  # the TSC-offset attribute
+V2_RESTORE_SCRATCH = _ATTR.size + _MSRS_HEAD.size + _MSR.size  # the attribute, a one-entry kvm_msrs
+
+
+def v2_shape(payload: bytes | memoryview, off: int, length: int) -> tuple[int, int]:
+    """(CPUID length, MSR count) of the version-2 vCPU payload at ``off``; EINVAL if it does not add up."""
+    if length < V2_FIXED + _MSRS_HEAD.size:
+        raise LuoError(errno.EINVAL, f"a vCPU payload of {length} bytes is too short")
+    _, cpuid_len, _ = V2_HEAD.unpack_from(payload, off)
+    m = V2_FIXED + cpuid_len
+    if cpuid_len % 8 or m + _MSRS_HEAD.size > length:
+        raise LuoError(errno.EINVAL, f"a vCPU payload's CPUID length {cpuid_len} does not fit it")
+    nmsrs = _MSRS_HEAD.unpack_from(payload, off + m)[0]
+    if m + _MSRS_HEAD.size + _MSR.size * nmsrs != length:
+        raise LuoError(errno.EINVAL, f"a vCPU payload of {length} bytes cannot hold {nmsrs} MSRs")
+    return cpuid_len, nmsrs
+
+
+@dataclass
+class V2RestoreOps:
+    """Where one vCPU's restore sits in a restore batch: its payload and the ops set per restore."""
+
+    base: int
+    cpuid_len: int
+    nmsrs: int
+    scratch: int
+    msrs_op: int
+    tsc_op: int
+    deadline_op: int
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 0x10000, 0x80000000
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
@@ -85,7 +150,13 @@ class VcpuState:
         self._tsc_attr_val = C.c_uint64()
         self._tsc_attr = S.KvmDeviceAttr(0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, C.addressof(self._tsc_attr_val))
         self.has_tsc_offset = ioctl_raw(fd, K.KVM_HAS_DEVICE_ATTR, C.addressof(self._tsc_attr))[0] == 0
+        self.tsc_offset_at_create = 0  # a restore skips setting an equal one
+        if self.has_tsc_offset:
+            ioctl(fd, K.KVM_GET_DEVICE_ATTR, self._tsc_attr, "KVM_GET_DEVICE_ATTR(TSC_OFFSET)")
+            self.tsc_offset_at_create = self._tsc_attr_val.value
         self.nx = cpuid_mod.nx_supported(kvm.supported_cpuid)
+        # version 2 saves the TSC deadline as the last of its MSRs
+        self.v2_msr_indices = self.msr_indices + ((K.MSR_IA32_TSC_DEADLINE,) if self.has_deadline else ())
 
     def _set_cpuid(self, raw: bytes) -> None:
         c = cpuid_mod.cpuid_struct(raw)
@@ -133,9 +204,114 @@ class VcpuState:
                 log.warning("vcpu%d: KVM refused MSR %#x=%#x; skipped", self.index, *pairs[n])
             pairs = pairs[n + 1 :]
 
-    # --- save / restore ---
+    # --- save / restore, version 2 (prepared batches) ---
 
-    def save(self) -> tuple[int, bytes]:
+    def v2_size(self) -> int:
+        """Bytes of this vCPU's version-2 payload."""
+        return V2_FIXED + len(self.cpuid) + _MSRS_HEAD.size + _MSR.size * len(self.v2_msr_indices)
+
+    def v2_write_static(self, view: memoryview, base: int) -> None:
+        """The parts of this vCPU's save payload that no save changes: head, CPUID, MSR indices."""
+        V2_HEAD.pack_into(view, base, V2_FLAG_TSC_OFFSET if self.has_tsc_offset else 0, len(self.cpuid), 0)
+        c = base + V2_FIXED
+        view[c : c + len(self.cpuid)] = self.cpuid
+        m = c + len(self.cpuid)
+        _MSRS_HEAD.pack_into(view, m, len(self.v2_msr_indices), 0)
+        for i, idx in enumerate(self.v2_msr_indices):
+            _MSR.pack_into(view, m + _MSRS_HEAD.size + _MSR.size * i, idx, 0, 0)
+
+    def v2_add_save_ops(self, b: IoctlBatch, base: int, scratch: int) -> None:
+        """This vCPU's save into the payload at ``base`` (``V2_SAVE_SCRATCH`` bytes at ``scratch``)."""
+        self.v2_write_static(b.view, base)
+        fd, name = self.fd, f"vcpu{self.index}"
+        for part, req in (("regs", K.KVM_GET_REGS), ("sregs", K.KVM_GET_SREGS), ("xsave", K.KVM_GET_XSAVE),
+                          ("xcrs", K.KVM_GET_XCRS)):
+            off, size = V2_PARTS[part]
+            b.add(fd, req, base + off, size, f"{name} {K.NAMES[req]}")
+        n = len(self.v2_msr_indices)
+        b.add(fd, K.KVM_GET_MSRS, base + V2_FIXED + len(self.cpuid), _MSRS_HEAD.size + _MSR.size * n,
+              f"{name} KVM_GET_MSRS", expect=n)
+        for part, req in (("lapic", K.KVM_GET_LAPIC), ("events", K.KVM_GET_VCPU_EVENTS),
+                          ("mp_state", K.KVM_GET_MP_STATE), ("debugregs", K.KVM_GET_DEBUGREGS)):
+            off, size = V2_PARTS[part]
+            b.add(fd, req, base + off, size, f"{name} {K.NAMES[req]}")
+        if self.has_tsc_offset:
+            _ATTR.pack_into(b.view, scratch, 0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, b.addr + base + V2_TSC)
+            b.add(fd, K.KVM_GET_DEVICE_ATTR, scratch, _ATTR.size, f"{name} KVM_GET_DEVICE_ATTR(TSC_OFFSET)")
+
+    def v2_add_restore_ops(self, b: IoctlBatch, base: int, cpuid_len: int, nmsrs: int, scratch: int) -> V2RestoreOps:
+        """This vCPU's restore from the payload at ``base`` (``V2_RESTORE_SCRATCH`` bytes at
+        ``scratch``), in the order of the module docstring; the optional ops start skipped."""
+        fd, name = self.fd, f"vcpu{self.index}"
+
+        def put(part: str, req: int) -> int:
+            off, size = V2_PARTS[part]
+            return b.add(fd, req, base + off, size, f"{name} {K.NAMES[req]}")
+
+        put("sregs", K.KVM_SET_SREGS)
+        put("regs", K.KVM_SET_REGS)
+        put("xsave", K.KVM_SET_XSAVE)
+        put("xcrs", K.KVM_SET_XCRS)
+        msrs_op = b.add(fd, K.KVM_SET_MSRS, base + V2_FIXED + cpuid_len, _MSRS_HEAD.size + _MSR.size * nmsrs,
+                        f"{name} KVM_SET_MSRS", expect=nmsrs)
+        _ATTR.pack_into(b.view, scratch, 0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, b.addr + base + V2_TSC)
+        tsc_op = b.add(fd, K.KVM_SET_DEVICE_ATTR, scratch, _ATTR.size, f"{name} KVM_SET_DEVICE_ATTR(TSC_OFFSET)",
+                       skip=True)
+        put("mp_state", K.KVM_SET_MP_STATE)
+        put("lapic", K.KVM_SET_LAPIC)
+        dl = scratch + _ATTR.size
+        _MSRS_HEAD.pack_into(b.view, dl, 1, 0)
+        deadline_op = b.add(fd, K.KVM_SET_MSRS, dl, _MSRS_HEAD.size + _MSR.size, f"{name} KVM_SET_MSRS(TSC_DEADLINE)",
+                            expect=1, skip=True)
+        put("events", K.KVM_SET_VCPU_EVENTS)
+        put("debugregs", K.KVM_SET_DEBUGREGS)
+        return V2RestoreOps(base, cpuid_len, nmsrs, scratch, msrs_op, tsc_op, deadline_op)
+
+    def v2_prepare_restore(self, b: IoctlBatch, r: V2RestoreOps) -> bool:
+        """Per restore, before the batch runs (its payload already copied in): CPUID if it differs
+        (True then), which optional ops run, the MSR count without the TSC deadline."""
+        view = b.view
+        flags, cpuid_len, _ = V2_HEAD.unpack_from(view, r.base)
+        c = r.base + V2_FIXED
+        cpuid = bytes(view[c : c + cpuid_len])
+        changed = cpuid != self.cpuid
+        if changed:
+            self._set_cpuid(cpuid)
+            self.cpuid = cpuid
+        m = c + cpuid_len
+        n = r.nmsrs
+        deadline = 0
+        if n and _MSR.unpack_from(view, m + _MSRS_HEAD.size + _MSR.size * (n - 1))[0] == K.MSR_IA32_TSC_DEADLINE:
+            n -= 1
+            deadline = _MSR.unpack_from(view, m + _MSRS_HEAD.size + _MSR.size * n)[2]
+            _MSRS_HEAD.pack_into(view, m, n, 0)
+        b.set_expect(r.msrs_op, n)
+        if deadline:
+            _MSR.pack_into(view, r.scratch + _ATTR.size + _MSRS_HEAD.size, K.MSR_IA32_TSC_DEADLINE, 0, deadline)
+        b.set_skip(r.deadline_op, not deadline)  # 0 is what a fresh vCPU holds: disarmed
+        if flags & V2_FLAG_TSC_OFFSET:
+            if not self.has_tsc_offset:
+                raise LuoError(errno.EOPNOTSUPP, "the saved vCPU has a TSC offset but this KVM cannot set one")
+            b.set_skip(r.tsc_op, struct.unpack_from("<Q", view, r.base + V2_TSC)[0] == self.tsc_offset_at_create)
+        else:
+            b.set_skip(r.tsc_op, True)
+        return changed
+
+    def v2_msrs_refused(self, b: IoctlBatch, r: V2RestoreOps, op: int, done: int) -> None:
+        """KVM_SET_MSRS of the batch stopped at entry ``done``: skip it (logged) and set the rest."""
+        if op == r.deadline_op:
+            log.warning("vcpu%d: KVM refused the TSC deadline MSR; skipped", self.index)
+            return
+        m = r.base + V2_FIXED + r.cpuid_len + _MSRS_HEAD.size
+        n = b.ops[op].expect
+        pairs = [(_MSR.unpack_from(b.view, m + _MSR.size * i)[0], _MSR.unpack_from(b.view, m + _MSR.size * i)[2])
+                 for i in range(done, n)]
+        log.warning("vcpu%d: KVM refused MSR %#x=%#x; skipped", self.index, *pairs[0])
+        self._set_msrs(pairs[1:])
+
+    # --- save / restore, version 1 (named blobs) ---
+
+    def save_v1(self) -> tuple[int, bytes]:
         fd = self.fd
         regs, sregs, xsave, xcrs = S.KvmRegs(), S.KvmSregs(), S.KvmXsave(), S.KvmXcrs()
         lapic, events, mp, dbg = S.KvmLapicState(), S.KvmVcpuEvents(), S.KvmMpState(), S.KvmDebugregs()
@@ -168,10 +344,10 @@ class VcpuState:
         if self.has_tsc_offset:
             ioctl(fd, K.KVM_GET_DEVICE_ATTR, self._tsc_attr, "KVM_GET_DEVICE_ATTR(TSC_OFFSET)")
             blobs["tsc_offset"] = struct.pack("<Q", self._tsc_attr_val.value)
-        return VERSION, pack_blobs(blobs)
+        return VERSION_V1, pack_blobs(blobs)
 
-    def restore(self, version: int, payload: bytes) -> None:
-        check_version(f"vcpu{self.index}", version, VERSION)
+    def restore_v1(self, version: int, payload: bytes) -> None:
+        check_version(f"vcpu{self.index}", version, VERSION_V1)
         b = unpack_blobs(payload)
         fd = self.fd
         if b["cpuid"] != self.cpuid:

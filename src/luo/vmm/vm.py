@@ -1,8 +1,9 @@
 """A VM: KVM VM fd, guest RAM memfd, in-kernel irqchip/PIT, vCPUs, the two consoles.
 
 Built for live update: ``Vm.create`` does everything expensive (VM fd, memslots, vCPUs with
-CPUID, MSR probing) and may be called around an existing RAM memfd by a successor *before* the
-predecessor pauses; the blackout is then just pause → save → restore → start.
+CPUID, MSR probing, the prepared save and restore batches of luo.vmm.saveplan) and may be called
+around an existing RAM memfd by a successor *before* the predecessor pauses; the blackout is then
+just pause → save → restore → start.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from luo.vmm.kvm import structs as S
 from luo.vmm.kvm.sys import ioctl
 from luo.vmm.kvm.system import KvmSystem
 from luo.vmm.memory import GuestMemory
-from luo.vmm.state import build_record, parse_record
+from luo.vmm.saveplan import Layout, RestorePlan, SavePlan
+from luo.vmm.state import RECORD_VERSION, build_record, parse_record, parse_record_v2, record_version
 from luo.vmm.vcpu import Vcpu, install_kick_handler
 
 log = logging.getLogger("luo.vmm")
@@ -58,6 +60,8 @@ class Vm:
     mmio_console: MmioConsole
     ports: Bus
     mmio: Bus
+    _save_plan: SavePlan
+    _restore_plan: RestorePlan
 
     def __init__(self) -> None:  # use Vm.create
         self.name = ""
@@ -110,6 +114,8 @@ class Vm:
             vm.mmio.add(MMIO_CONSOLE_GPA, MMIO_CONSOLE_SIZE, vm.mmio_console)
             for i in range(ncpus):
                 vm.vcpus.append(Vcpu(vm.fd, i, ncpus, vm.ports, vm.mmio, vm._vcpu_stopped))
+            vm._save_plan = SavePlan(vm)
+            vm._restore_plan = RestorePlan(vm, vm._save_plan.layout)  # a predecessor like us writes this layout
         except BaseException:
             vm._close_fds()
             raise
@@ -168,48 +174,87 @@ class Vm:
 
     # --- save / restore ---
 
-    def save(self) -> bytes:
-        """The device + vCPU state record (not RAM). Only while paused."""
+    def save(self, version: int = RECORD_VERSION) -> bytes:
+        """The device + vCPU state record (not RAM). Only while paused.
+
+        ``version=1`` writes the previous format (for a successor that reads only that one, and
+        for bench/save_restore.py's before/after); it is the previous code, not prepared."""
         if not self.paused:
             raise LuoError(errno.EBUSY, f"VM {self.name} must be paused before save")
+        if self.fd < 0:
+            raise LuoError(errno.ESRCH, f"VM {self.name} was stopped; nothing to save")
         t0 = time.perf_counter()
-        comps: dict[str, tuple[int, bytes]] = {}
-        for v in self.vcpus:
-            comps[f"vcpu{v.index}"] = v.state.save()
-        comps["irqchip"] = self.irqchip.save()
-        comps["pit"] = self.pit.save()
-        comps["uart"] = self.uart.save()
-        comps["mmio-console"] = self.mmio_console.save()
-        comps["clock"] = self.clock.save()  # last: the clock keeps going while the rest is read
-        meta = {"name": self.name, "mem_bytes": self.mem_bytes, "ncpus": self.ncpus}
-        rec = build_record(meta, comps)
+        if version == RECORD_VERSION:
+            rec = self._save_plan.save()
+        elif version == 1:
+            rec = self._save_v1()
+        else:
+            raise LuoError(errno.EINVAL, f"this VMM writes VM state record versions 1 and {RECORD_VERSION}, not {version}")
         self.timings["save"] = _ms(t0)
         return rec
 
+    def _save_v1(self) -> bytes:
+        comps: dict[str, tuple[int, bytes]] = {}
+        for v in self.vcpus:
+            comps[f"vcpu{v.index}"] = v.state.save_v1()
+        comps["irqchip"] = self.irqchip.save_v1()
+        comps["pit"] = self.pit.save_v1()
+        comps["uart"] = self.uart.save_v1()
+        comps["mmio-console"] = self.mmio_console.save_v1()
+        comps["clock"] = self.clock.save()  # last: the clock keeps going while the rest is read
+        meta = {"name": self.name, "mem_bytes": self.mem_bytes, "ncpus": self.ncpus}
+        return build_record(meta, comps)
+
     def restore(self, record: bytes) -> None:
-        """Load a record from save() into this freshly created VM (same memfd); then call start()."""
+        """Load a record from save() into this freshly created VM (same memfd); then call start().
+
+        Reads record versions 1 and 2; refuses any other with LuoError(EPROTO)."""
         if self._booted_or_restored:
             raise LuoError(errno.EBUSY, f"VM {self.name} was already booted or restored")
+        if self.fd < 0:
+            raise LuoError(errno.ESRCH, f"VM {self.name} was stopped")
         t0 = time.perf_counter()
-        meta, comps = parse_record(record)
+        if record_version(record) == 1:
+            self._restore_v1(record)
+        else:
+            self._restore_v2(record)
+        self._booted_or_restored = True
+        self.timings["restore"] = _ms(t0)
+
+    def _check_shape(self, meta: dict[str, object]) -> None:
         if meta["ncpus"] != self.ncpus or meta["mem_bytes"] != self.mem_bytes:
             raise LuoError(
                 errno.EINVAL,
                 f"the record is of a VM with {meta['ncpus']} vCPUs and {meta['mem_bytes']} bytes of RAM; "
                 f"this one has {self.ncpus} and {self.mem_bytes}",
             )
+
+    def _restore_v2(self, record: bytes) -> None:
+        meta, table, base = parse_record_v2(record)
+        self._check_shape(meta)
+        layout = Layout.of_record(record, table, base, self.ncpus)
+        plan = self._restore_plan if layout == self._restore_plan.layout else RestorePlan(self, layout)
+        for name, version, off, length in table:  # no KVM state: before the batch, which ends with the clock
+            if name == "uart":
+                self.uart.restore(version, record[base + off : base + off + length])
+            elif name == "mmio-console":
+                self.mmio_console.restore(version, record[base + off : base + off + length])
+        if plan.restore(record, base):
+            self._save_plan.write_static()  # the guest's CPUID is now the record's: save that one
+
+    def _restore_v1(self, record: bytes) -> None:
+        meta, comps = parse_record(record)
+        self._check_shape(meta)
         for name in [f"vcpu{i}" for i in range(self.ncpus)] + ["irqchip", "pit", "uart", "mmio-console", "clock"]:
             if name not in comps:
                 raise LuoError(errno.EINVAL, f"the VM state record has no {name} section")
         for v in self.vcpus:
-            v.state.restore(*comps[f"vcpu{v.index}"])
-        self.irqchip.restore(*comps["irqchip"])
-        self.pit.restore(*comps["pit"])
+            v.state.restore_v1(*comps[f"vcpu{v.index}"])
+        self.irqchip.restore_v1(*comps["irqchip"])
+        self.pit.restore_v1(*comps["pit"])
         self.uart.restore(*comps["uart"])
         self.mmio_console.restore(*comps["mmio-console"])
         self.clock.restore(*comps["clock"])
-        self._booted_or_restored = True
-        self.timings["restore"] = _ms(t0)
 
     # --- teardown ---
 

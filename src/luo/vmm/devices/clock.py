@@ -2,21 +2,47 @@
 
 With the realtime stamp KVM advances the guest clock by the real time the blackout took, so guest
 time neither jumps back nor stalls; without it (older kernels) the clock resumes where it stopped.
+
+The payload is the raw kvm_clock_data of KVM_GET_CLOCK (version 1, in both record versions). In
+the prepared batch of record version 2 the GET goes straight into the record, and the SET reads
+a scratch struct that ``v2_prepare_restore`` fills from the payload (clock, realtime, the
+REALTIME flag only): the batch's last op, so the clock is set after everything else.
 """
 
 from __future__ import annotations
 
+import ctypes as C
+import struct
+
 from luo.vmm.kvm import ioctls as K
 from luo.vmm.kvm import structs as S
+from luo.vmm.kvm.batch import IoctlBatch
 from luo.vmm.kvm.sys import ioctl
 from luo.vmm.state import check_version
 
 VERSION = 1
+_DATA = C.sizeof(S.KvmClockData)
+_FIELDS = struct.Struct("<QI4xQ")  # clock, flags, realtime: the head of kvm_clock_data
 
 
 class KvmClock:
     def __init__(self, vm_fd: int) -> None:
         self.vm_fd = vm_fd
+
+    V2_SIZE = _DATA
+    V2_RESTORE_SCRATCH = _DATA
+
+    def v2_add_save_ops(self, b: IoctlBatch, off: int) -> None:
+        b.add(self.vm_fd, K.KVM_GET_CLOCK, off, _DATA, "KVM_GET_CLOCK")
+
+    def v2_add_restore_ops(self, b: IoctlBatch, scratch: int) -> None:
+        b.add(self.vm_fd, K.KVM_SET_CLOCK, scratch, _DATA, "KVM_SET_CLOCK")
+
+    @staticmethod
+    def v2_prepare_restore(b: IoctlBatch, payload: int, scratch: int) -> None:
+        """The SET struct from the saved one (as ``restore`` does: only the REALTIME flag kept)."""
+        clock, flags, realtime = _FIELDS.unpack_from(b.view, payload)
+        _FIELDS.pack_into(b.view, scratch, clock, flags & K.KVM_CLOCK_REALTIME, realtime)
 
     def save(self) -> tuple[int, bytes]:
         d = S.KvmClockData()

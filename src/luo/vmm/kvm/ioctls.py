@@ -83,6 +83,9 @@ KVM_SET_DEVICE_ATTR = _iow(0xE1, 24)
 KVM_GET_DEVICE_ATTR = _iow(0xE2, 24)
 KVM_HAS_DEVICE_ATTR = _iow(0xE3, 24)
 
+# request number -> name, for messages and profiles (every KVM_* name above is an ioctl)
+NAMES: dict[int, str] = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int)}
+
 # capabilities
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
