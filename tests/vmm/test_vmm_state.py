@@ -8,7 +8,17 @@ import struct
 import pytest
 
 from luo.errors import LuoError
-from luo.vmm.state import MAGIC, build_record, check_version, pack_blobs, parse_record, unpack_blobs
+from luo.vmm.state import (
+    MAGIC,
+    RecordWriter,
+    build_record,
+    check_version,
+    pack_blobs,
+    parse_record,
+    parse_record_v2,
+    record_version,
+    unpack_blobs,
+)
 
 
 def test_roundtrip() -> None:
@@ -48,3 +58,32 @@ def test_component_version_refused() -> None:
 def test_truncated_blobs_refused() -> None:
     with pytest.raises(LuoError):
         unpack_blobs(pack_blobs({"a": b"12345"})[:-2])
+
+
+def test_v2_roundtrip_and_version_refusal() -> None:
+    w = RecordWriter({"name": "vm-é", "mem_bytes": 1 << 30, "ncpus": 2}, [("vcpu0", 2, 3), ("pit", 1, 2)], 1)
+    rec = w.build(b"abcde", [("uart", 2, b"xyz")])
+    assert record_version(rec) == 2
+    meta, table, base = parse_record_v2(rec)
+    assert meta == {"name": "vm-é", "mem_bytes": 1 << 30, "ncpus": 2}
+    assert table == [("vcpu0", 2, 0, 3), ("pit", 1, 3, 2), ("uart", 2, 5, 3)]
+    assert rec[base:] == b"abcdexyz"
+    with pytest.raises(LuoError) as ei:
+        parse_record(rec)  # the version-1 parser does not take a version-2 record
+    assert ei.value.errno == errno.EPROTO
+    with pytest.raises(LuoError) as ei:
+        parse_record_v2(rec[:-1])
+    assert ei.value.errno == errno.EINVAL
+    bad = bytearray(rec)
+    struct.pack_into("<I", bad, 8, 3)
+    with pytest.raises(LuoError) as ei:
+        record_version(bytes(bad))
+    assert ei.value.errno == errno.EPROTO and "version 3 is unknown" in ei.value.message
+    assert record_version(build_record({}, {})) == 1
+
+
+def test_check_version_lists_what_it_reads() -> None:
+    check_version("uart16550", 1, (2, 1))
+    with pytest.raises(LuoError) as ei:
+        check_version("uart16550", 3, (2, 1))
+    assert ei.value.errno == errno.EPROTO and "reads 2, 1" in ei.value.message

@@ -33,8 +33,8 @@ LIB_PATH = Path(__file__).with_name("_ioctl_batch.so")
 
 
 def _load() -> C.CDLL | None:
-    """The C runner, or None (absent, of another ABI, or refused by LUO_VMM_NO_CEXT=1)."""
-    if os.environ.get("LUO_VMM_NO_CEXT") == "1" or not LIB_PATH.exists():
+    """The C runner, or None (absent or of another ABI)."""
+    if not LIB_PATH.exists():
         return None
     try:
         lib = C.CDLL(str(LIB_PATH), use_errno=False)
@@ -54,7 +54,8 @@ _LIB = _load()
 
 
 def have_cext() -> bool:
-    return _LIB is not None
+    """Whether a batch built now runs in C (the library loaded, and LUO_VMM_NO_CEXT is not 1)."""
+    return _LIB is not None and os.environ.get("LUO_VMM_NO_CEXT") != "1"
 
 
 @dataclass
@@ -81,7 +82,7 @@ class IoctlBatch:
         self.addr = C.addressof(self.buf)
         self.view = memoryview(self.buf).cast("B")
         self.ops: list[Op] = []
-        self.cext = _LIB is not None if use_cext is None else (use_cext and _LIB is not None)
+        self.cext = have_cext() if use_cext is None else (use_cext and _LIB is not None)
         self._packed: C.Array[C.c_char] | None = None
         self._views: list[memoryview] = []
         self._err = C.c_int()
@@ -152,8 +153,8 @@ class IoctlBatch:
             t = time.perf_counter_ns() if trace is not None else 0
             try:
                 r = ioctl(o.fd, o.req, views[i], True)
-            except OSError as ex:
-                e = ex.errno or errno.EIO
+            except (OSError, ValueError) as ex:  # ValueError: a negative fd, which the kernel calls EBADF
+                e = (ex.errno if isinstance(ex, OSError) else errno.EBADF) or errno.EIO
                 raise LuoError(e, f"{o.name} failed: {os.strerror(e)}") from None
             if trace is not None:
                 trace.append((o.name, time.perf_counter_ns() - t))
