@@ -1,5 +1,6 @@
-"""The outgoing host SIGKILLed at each point of an update: the guest runs again within a second, in
-exactly one VMM, is preserved again with the host that serves next, and crosses the next update."""
+"""The outgoing host SIGKILLed at each point of an update: the guest runs on (the host's freeze and
+handover never pause it: each VM switches VMMs only once the new host holds everything), in exactly
+one VMM, is preserved again with the host that serves next, and crosses the next update."""
 
 from __future__ import annotations
 
@@ -41,15 +42,14 @@ def test_host_killed_mid_update(vm_host, point: str) -> None:  # noqa: ANN001
         assert (at, pid) == (point, old_host)
         guest = read_guest_state(vdir)
         assert guest is not None
-        assert guest["state"] == ("running" if point == "prepared" else "paused"), guest
+        assert guest["state"] == "running", guest  # whatever the host's phase: docs/design.md
         t_kill = time.time()
         os.kill(old_host, signal.SIGKILL)
 
-        running = wait_for(lambda: (g := read_guest_state(vdir)) and g["state"] == "running"
-                           and (point == "prepared" or g["since"] > t_kill) and g, 10, "the guest to run again")
-        if point != "prepared":
-            assert running["since"] - t_kill <= RESUME_BOUND_S, running
-            assert running["vmm_pid"] != old_host
+        running = wait_for(lambda: (g := read_guest_state(vdir)) and g["state"] == "running" and g, 10,
+                           "the guest to run")
+        assert running["since"] <= t_kill or running["since"] - t_kill <= RESUME_BOUND_S, running
+        assert running["vmm_pid"] != old_host
         wait_for(lambda: len(vmm_processes(host)) == 1, 10, "exactly one VMM left")
         more_beats(host, "k1", 3)
         # the successor held the prepared tree and every fd: it serves now, and the VM is preserved again

@@ -29,6 +29,7 @@ from luo.host.procname import favour_this_thread, leave_background, set_process_
 from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.sdnotify import notify
 from luo.host.setup import host_handlers, host_subsystems, known_compatibles, make_host, rebind_host
+from luo.host.spans import span, spans_of
 from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.keeper.store import FdStore, open_store
@@ -100,6 +101,7 @@ class Incoming:
         self.fds: list[int] = []
         self.host: Host | None = None
         self.prepared: tuple[Orchestrator, bytes]
+        self.spans: list[tuple[str, int, int]] = []  # this host's phases (CLOCK_MONOTONIC ns)
         self.store = _open_store(runtime)  # connected now: the first write after the handover costs no connect
 
     def release(self) -> None:
@@ -113,6 +115,7 @@ class Incoming:
 
     def prepare(self, ch: socket.socket, msg: dict, fds: list[int]) -> None:
         """Everything but the final tree arrives at prepare: check it and build the host now."""
+        started = time.monotonic_ns()
         h = recv_handover(ch, msg, fds)
         self.release()
         try:
@@ -138,6 +141,7 @@ class Incoming:
         self.prepared = (self._build(h.blob), h.blob)
         gc.collect()
         gc.disable()  # no collection pause between here and serving (re-enabled after the handover)
+        self.spans.append(("check", started, time.monotonic_ns()))
 
     def _build(self, blob: bytes) -> Orchestrator:
         if self.host is None or self.record is None:
@@ -255,6 +259,7 @@ def _orphaned(inc: Incoming, predecessor: Watched) -> int:
 
 def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, predecessor: Watched) -> int:
     t0 = time.perf_counter()
+    n0 = time.monotonic_ns()
     try:
         size = msg.get("tree_size")
         if not msg.get("unchanged") and (len(fds) != 1 or not isinstance(size, int) or not 0 < size <= MAX_TREE):
@@ -267,6 +272,7 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, pred
         for fd in fds:
             os.close(fd)
     t_recv = time.perf_counter()
+    n_recv = time.monotonic_ns()
     if faults.enabled("successor-stall-handover"):
         write_atomic(inc.runtime.root / "successor.stalled", f"{os.getpid()}\n")
         recv_msg(ch)  # waits until killed or the old host gives up
@@ -287,6 +293,7 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, pred
     host = inc.host
     assert host is not None
     t_adopt = time.perf_counter()
+    inc.spans += [("receive", n0, n_recv), ("adopt", n_recv, time.monotonic_ns())]
     timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
     try:
         send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
@@ -312,8 +319,10 @@ def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, pred
     except OSError:
         pass
     ch.close()
+    timeline = [*spans_of(got[0].get("timeline") if got is not None else None, "host"),
+                *(span("successor-host", os.getpid(), p, a, b) for p, a, b in inc.spans)]
     last: dict[str, Any] = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
-                            "phases_ms": old_phases, "pid": os.getpid(), "time": time.time()}
+                            "phases_ms": old_phases, "pid": os.getpid(), "time": time.time(), "timeline": timeline}
     if got is None:
         log.warning("successor %d: the outgoing host (pid %d) died after the final handover; taking over",
                     os.getpid(), predecessor.pid)

@@ -112,9 +112,9 @@ class SuccessorLink:
         faults.hold("handover", self.runtime_root)
         return self._expect("confirm", timeout, "confirm the handover")
 
-    def acknowledge(self, phases_ms: dict[str, float]) -> None:
+    def acknowledge(self, phases_ms: dict[str, float], timeline: list[dict[str, Any]] | None = None) -> None:
         try:
-            send_msg(self.ch, {"op": "ack", "phases_ms": phases_ms})
+            send_msg(self.ch, {"op": "ack", "phases_ms": phases_ms, "timeline": timeline or []})
         except OSError as e:
             raise LuoError(errno.ESRCH, f"successor pid {self.pid} died after confirming: {e.strerror}") from None
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from luo.core.states import State
 from luo.errors import LuoError
 from luo.host import faults
+from luo.host.spans import span
 from luo.host.successor_link import SuccessorLink
 from luo.host.tree import tree_for
 
@@ -51,19 +52,27 @@ def successor_command(to: Any) -> list[str]:
 
 
 class Timeline:
+    """The host's phases, back to back: milliseconds for the reply, and CLOCK_MONOTONIC spans (one
+    clock for every process of the machine) for the update record's timeline."""
+
     def __init__(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = time.monotonic_ns()
         self.last = self.t0
         self.phases: dict[str, float] = {}
+        self.spans: list[tuple[str, int, int]] = []
 
     def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = round((now - self.last) * 1000, 3)
+        now = time.monotonic_ns()
+        self.phases[name] = round((now - self.last) / 1e6, 3)
+        self.spans.append((name, self.last, now))
         self.last = now
+
+    def entries(self, lane: str = "host") -> list[dict[str, Any]]:
+        return [span(lane, os.getpid(), p, a, b) for p, a, b in self.spans]
 
     @property
     def total_ms(self) -> float:
-        return round((time.perf_counter() - self.t0) * 1000, 3)
+        return round((time.monotonic_ns() - self.t0) / 1e6, 3)
 
 
 def corrupt(blob: bytes) -> bytes:
@@ -115,6 +124,8 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
         return _update(host, {**msg, "start_timeout": start_timeout}, cmd, timeout)
     finally:
         faults.set_for_update([])
+        if host.vms is not None:
+            host.vms.switch_after_handover = False
         if not host.exit_after_step:
             gc.enable()
 
@@ -145,6 +156,8 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
             raise LuoError(e.errno, f"prepare failed, nothing was frozen: {e.message}") from None
         raise
     gc.disable()  # no collection pause inside the blackout; this process exits after it anyway
+    if host.vms is not None:
+        host.vms.switch_after_handover = True  # VMs run on through the host's freeze and handover
     try:
         orch.begin_update()  # the implicit freeze of a kexec issued while prepared
     except BaseException:
@@ -173,7 +186,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
     if host.vms is not None:
         host.vms.handed_over()
     try:
-        link.acknowledge(tl.phases)
+        link.acknowledge(tl.phases, tl.entries())
         if not link.wait_adopted():
             raise LuoError(errno.ESRCH, f"successor pid {link.pid} died after confirming")
     except BaseException as e:

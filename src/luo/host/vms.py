@@ -61,6 +61,10 @@ class VmSupervisor:
         self.successor_cmd: list[str] = [sys.executable, "-m", "luo"]
         self.request_timeout = faults.participant_timeout(120.0)
         self.seq = 0  # numbers the requests to VMMs
+        # Set by `luo update` around its freeze: the VMs do not pause with the host; each switches
+        # to its successor VMM when told the host handed over (docs/design.md), so that the host's
+        # freeze and handover are outside every VM's blackout. A plain `luo freeze` pauses them.
+        self.switch_after_handover = False
         incoming = [s for s in _incoming_session_names(host) if s.startswith(SESSION_PREFIX)]
         self.expected = {s[len(SESSION_PREFIX):] for s in incoming}
 
@@ -193,7 +197,13 @@ class VmSupervisor:
 
     def update_record(self) -> dict[str, Any]:
         rec = dict(self.host.last_update or {})
-        rec["vms"] = {n: self.vms[n].report for n in sorted(self.expected) if n in self.vms and self.vms[n].report}
+        reports = {n: self.vms[n].report for n in sorted(self.expected) if n in self.vms and self.vms[n].report}
+        timeline = list(rec.get("timeline") or [])
+        for r in reports.values():  # each VM's two VMMs, as their successor reported them
+            timeline += [e for e in (r or {}).get("timeline") or [] if isinstance(e, dict)]
+        rec["vms"] = {n: {k: v for k, v in (r or {}).items() if k != "timeline"} for n, r in reports.items()}
+        if timeline:
+            rec["timeline"] = sorted(timeline, key=lambda e: (e.get("start_ns", 0), str(e.get("lane"))))
         if rec.get("liveupdate_number") is not None and rec["vms"]:
             path = self.runtime.updates / f"{int(rec['liveupdate_number']):06d}.json"
             if not path.exists():
@@ -346,6 +356,9 @@ class VmmSubsystem(Subsystem):
         return len(vms)
 
     def freeze(self, data: int) -> int:
+        if self.sup.switch_after_handover:  # the update: VMs run on, each switches after the handover
+            self.frozen = list(self.prepared)
+            return len(self.frozen)
         try:
             answers = self.sup._ask(self.prepared, {"op": "freeze"}, faults.participant_timeout(10.0))
         except LuoError as e:

@@ -1,9 +1,10 @@
 """The successor VMM: warmed at prepare, it takes the guest over after the host's handover.
 
-Timeline inside the blackout: ``saved`` (the old VMM paused and wrote the record) -> restore the
-vCPU and device state into the VM built at prepare, while the host hands over -> ``go`` ->
-retrieve the VM's session from the new host and check it holds the very memfd we mapped ->
-resume. Re-preserving and registering happen after the guest runs again.
+Timeline inside the blackout (the host's handover is over before it starts): ``saved`` (the old
+VMM paused and wrote the record) -> restore the vCPU and device state into the VM built at
+prepare -> ``go`` (sent right behind ``saved``: the ownership passes) -> resume. Retrieving the
+VM's session from the new host, checking it holds the very memfds we mapped, re-preserving and
+registering happen after the guest runs again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from luo.errors import LuoError
 from luo.host import faults
 from luo.host.procname import GUEST_SESSION_NICE, favour_this_thread, leave_background
 from luo.host.runtime import RuntimeDir, write_atomic
+from luo.host.spans import span, spans_of
 from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.devices.console_sink import FileConsoleSink
@@ -141,6 +143,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
         info = {}
     predecessor = Predecessor(msg.get("pid"))
     t0 = time.perf_counter()
+    warm_start = time.monotonic_ns()
     try:
         if faults.enabled("vmm-successor-fail-warm"):
             raise LuoError(errno.ENOMEM, "cannot build the VM (fault injected)")
@@ -164,6 +167,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
         return 1
     send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(),
                   "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
+    warm_end = time.monotonic_ns()
 
     gc.collect()
     gc.disable()  # no collection pause until the guest runs again
@@ -227,7 +231,12 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     parts["handover"] = _ms(t_go - saved_at - (t_restored - t_saved))
     parts["restore"] = _ms(t_restored - t_saved)
     parts["resume"] = _ms(t_resumed - t_go)
-    report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts,
+    lane = f"vmm-successor:{name}"
+    own = [span(lane, os.getpid(), phase, a, b)
+           for phase, a, b in (("warm", warm_start, warm_end), ("restore", t_saved, t_restored),
+                               ("wait_go", t_restored, t_go), ("resume", t_go, t_resumed))]
+    report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts, "blackout_ns": [paused_at, t_resumed],
+              "timeline": [*spans_of(saved.get("timeline"), f"vmm:{name}"), *own],
               "pid": os.getpid(), "vm_timings_ms": {k: round(v, 3) for k, v in vm.timings.items()}}
     log.info("vm %s resumed by successor VMM %d: blackout %.3f ms %s", name, os.getpid(), report["blackout_ms"], parts)
     if orphaned:  # the host never said who holds the session now: take whatever is left, preserve anew

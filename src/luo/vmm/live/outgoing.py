@@ -2,9 +2,12 @@
 
 prepare: hand RAM + state memfds to the successor the host started, and wait until it has built
 its VM (everything expensive happens here, while the guest runs).
-freeze: pause every vCPU, save, write the record into the preserved state memfd.
-handed_over: tell the successor to go; stay alive until it says the guest runs again. If it dies
-or times out instead, resume the guest here and re-attach to the new host.
+handed_over (the new host holds everything): the VM's own switch, and all of its blackout:
+pause every vCPU, save into the preserved state memfd, tell the successor ``saved`` and at once
+``go``; stay alive until it says the guest runs again. If it dies or times out instead, resume
+the guest here and re-attach to the new host. The host's freeze and handover happened before,
+with the guest running: its RAM and state memfds are the same files whatever the guest does.
+freeze (a plain ``luo freeze``, not an update): pause and save now, as RFC v2 freezes workloads.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from luo.errors import LuoError
 from luo.host import faults
 from luo.host.faults import participant_timeout
 from luo.host.procname import start_in_background
+from luo.host.spans import span
 from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
 from luo.vmm.live.guest_state import write_guest_state
@@ -70,6 +74,7 @@ class RunningVmm:
         self.successor_pid = 0
         self.paused_at = 0
         self.parts: dict[str, float] = {}
+        self.stamps: dict[str, tuple[int, int]] = {}  # phase -> (start, end), CLOCK_MONOTONIC ns
         # A request stuck longer than this fails (ETIMEDOUT raised inside it, luo.host.watchdog) and
         # the loop goes on: longer than any wait of its own (warm-up, resume, kill, re-register).
         self.watchdog_s = 3 * participant_timeout(WARM_TIMEOUT + 30.0)
@@ -175,6 +180,7 @@ class RunningVmm:
             raise LuoError(errno.EINVAL, "prepare needs the channel to the successor VMM")
         faults.point("vmm", "prepare")
         t0 = time.perf_counter()
+        warm_start = time.monotonic_ns()
         ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
         send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
                       "info": self.info}, (self.vm.memfd, self.state_fd))
@@ -193,9 +199,18 @@ class RunningVmm:
         # the GIL that the running vCPU threads need for every exit)
         self.successor = ch
         self.successor_pid = int(got[0].get("pid", 0))
+        self.stamps["warm"] = (warm_start, time.monotonic_ns())
         return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": got[0].get("timings_ms", {})}
 
     def freeze(self) -> dict[str, Any]:
+        """A plain ``luo freeze`` (RFC v2: workloads suspended): pause and save now."""
+        self._pause_and_save()
+        self._report("paused", "frozen for a live update")  # after "saved": not on the blackout's path
+        faults.point("vmm", "freeze")  # paused, saved and said so: what the successor can take over
+        return {"pause_ms": self.parts["pause"], "save_ms": self.parts["save"]}
+
+    def _pause_and_save(self) -> None:
+        """Pause every vCPU, save into the preserved state memfd, tell the successor ``saved``."""
         t0 = time.monotonic_ns()
         self.vm.pause()
         t1 = time.monotonic_ns()
@@ -204,14 +219,17 @@ class RunningVmm:
         t2 = time.monotonic_ns()
         self.paused_at = t0
         self.parts = {"pause": _ms(t1 - t0), "save": _ms(t2 - t1)}
+        self.stamps.update(pause=(t0, t1), save=(t1, t2))
         if self.successor is not None:
-            try:  # lets the successor restore while the host hands over
-                send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts})
+            try:  # the successor restores at once; it resumes when it also has "go"
+                send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts,
+                                          "timeline": self._timeline()})
             except OSError:
                 pass
-        self._report("paused", "frozen for a live update")  # after "saved": not on the blackout's path
-        faults.point("vmm", "freeze")  # paused, saved and said so: what the successor can take over
-        return {"pause_ms": self.parts["pause"], "save_ms": self.parts["save"]}
+
+    def _timeline(self) -> list[dict[str, Any]]:
+        """This VMM's phases of the update, for the update record (docs/observe.md)."""
+        return [span(f"vmm:{self.vm.name}", os.getpid(), k, a, b) for k, (a, b) in self.stamps.items()]
 
     def _drop_successor(self) -> None:
         """Abort the successor and make sure it is dead: two VMMs must never run one guest."""
@@ -233,15 +251,22 @@ class RunningVmm:
 
     def handed_over(self) -> bool:
         """True when the successor runs the guest (this process then exits)."""
-        try:
-            faults.point("vmm", "handover")
-        except LuoError as e:
-            return self._fallback(str(e))
         ch = self.successor
         if ch is None:
             return self._fallback("no successor VMM was warmed")
+        if not self.vm.paused:  # the update's switch: the blackout starts here, not at the host's freeze
+            try:
+                self._pause_and_save()
+                faults.point("vmm", "freeze")  # paused, saved and said so: what the successor can take over
+            except Exception as e:  # (a KVM error too): the guest is paused here, so it resumes here
+                why = e.message if isinstance(e, LuoError) else repr(e)
+                return self._fallback(f"saving the guest failed: {why}")
         try:
-            send_msg(ch, {"op": "go"})
+            faults.point("vmm", "handover")  # saved: a VMM dying here leaves the guest to its successor
+        except LuoError as e:
+            return self._fallback(str(e))
+        try:
+            send_msg(ch, {"op": "go"})  # right behind "saved": the successor finds it when restored
             ch.settimeout(RESUME_TIMEOUT)
             got = recv_msg(ch)
         except (TimeoutError, OSError):
