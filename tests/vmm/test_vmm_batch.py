@@ -81,3 +81,19 @@ def test_argument_outside_buffer_refused() -> None:
     with pytest.raises(LuoError) as ei:
         b.add(0, FIONREAD, 6, 4, "too far")
     assert ei.value.errno == errno.EINVAL
+
+
+def test_conditions_decide_at_run_time(pipe: tuple[int, int], use_cext: bool) -> None:
+    """if_nonzero / if_different read the buffer when the batch runs; ran() says what ran."""
+    r, _ = pipe
+    b = IoctlBatch(64, use_cext)
+    nz = b.add(r, FIONREAD, 0, 4, "if nonzero", if_nonzero=(16, 8))
+    df = b.add(r, FIONREAD, 4, 4, "if different", if_different=(24, 32, 8))
+    b.seal()
+    assert b.run() is None and not b.ran(nz) and not b.ran(df)
+    b.view[20] = 1
+    b.view[39] = 7
+    assert b.run() is None and b.ran(nz) and b.ran(df)
+    assert b.results[nz] == 0
+    b.view[31] = 7
+    assert b.run() is None and b.ran(nz) and not b.ran(df)

@@ -82,7 +82,8 @@ def snapshot(vm: Vm) -> dict[str, Any]:
         out[p + "events"] = get(fd, K.KVM_GET_VCPU_EVENTS, S.KvmVcpuEvents)
         out[p + "mp_state"] = get(fd, K.KVM_GET_MP_STATE, S.KvmMpState)
         out[p + "debugregs"] = get(fd, K.KVM_GET_DEBUGREGS, S.KvmDebugregs)
-        out[p + "msrs"] = read_msrs(fd, v.state.v2_msr_indices)
+        deadline = (K.MSR_IA32_TSC_DEADLINE,) if v.state.has_deadline else ()
+        out[p + "msrs"] = read_msrs(fd, v.state.msr_indices + deadline)
         val = C.c_uint64()
         attr = S.KvmDeviceAttr(0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, C.addressof(val))
         ioctl(fd, K.KVM_GET_DEVICE_ATTR, attr, "KVM_GET_DEVICE_ATTR")
@@ -210,12 +211,13 @@ def reshaped(rec: bytes, drop_msr: int) -> bytes:
     meta, table, base = parse_record_v2(rec)
     payloads = {name: (version, rec[base + off : base + off + length]) for name, version, off, length in table}
     version, p = payloads["vcpu0"]
-    cpuid_len, nmsrs = vcpu_state.v2_shape(p, 0, len(p))
+    flags, cpuid_len, nmsrs = vcpu_state.v2_shape(p, 0, len(p))
     m = vcpu_state.V2_FIXED + cpuid_len
     entries = [p[m + 8 + 16 * i : m + 24 + 16 * i] for i in range(nmsrs)]
     kept = [e for e in entries if struct.unpack_from("<I", e)[0] != drop_msr]
     assert len(kept) == nmsrs - 1
-    payloads["vcpu0"] = (version, p[:m] + struct.pack("<II", len(kept), 0) + b"".join(kept))
+    head = vcpu_state.V2_HEAD.pack(flags, cpuid_len, len(kept), 0)
+    payloads["vcpu0"] = (version, head + p[len(head) : m] + struct.pack("<II", len(kept), 0) + b"".join(kept))
     fixed = [n for n, *_ in table if n not in saveplan.VARIABLE]
     w = RecordWriter(meta, [(n, payloads[n][0], len(payloads[n][1])) for n in fixed], len(saveplan.VARIABLE))
     return w.build(b"".join(payloads[n][1] for n in fixed), [(n, *payloads[n]) for n in saveplan.VARIABLE])
@@ -371,10 +373,12 @@ def test_armed_deadline_and_moved_tsc_offset_restored(counter_elf: Path, runner:
         assert before["vcpu1.msrs"][K.MSR_IA32_TSC_DEADLINE] != 0
         moved = before["vcpu1.tsc_offset"] != old.vcpus[1].state.tsc_offset_at_create
         new = restore_and_compare(old, old.save(), sink)
-        r = new._restore_plan.vcpu_ops[1]
-        ops = new._restore_plan.batch.ops
-        assert not ops[r.deadline_op].flags & kbatch.OP_SKIP
-        assert bool(ops[r.tsc_op].flags & kbatch.OP_SKIP) == (not moved)
+        b = new._restore_plan.batch
+        assert b.ran(new._restore_plan.vcpu_ops[1].deadline_op)
+        assert not b.ran(new._restore_plan.vcpu_ops[0].deadline_op)  # vcpu0's is 0: nothing to set
+        tsc_ran = [b.ran(i) for i, o in enumerate(b.ops) if o.name == "vcpu1 KVM_SET_DEVICE_ATTR(TSC_OFFSET)"]
+        assert tsc_ran in ([moved], [])
+        assert not any(b.ran(r.cpuid_op) for r in new._restore_plan.vcpu_ops)  # equal to the one set at creation
     finally:
         old.stop()
         if new is not None:
@@ -387,3 +391,57 @@ def ioctl_ok(fd: int, req: int, arg: C.Structure) -> bool:
     except LuoError:
         return False
     return True
+
+
+def with_cpuid_changed(rec: bytes, vcpu: int, function: int, clear_eax: int) -> bytes:
+    """The record with bits of EAX of CPUID leaf ``function`` of one vCPU cleared (same layout)."""
+    _, table, base = parse_record_v2(rec)
+    off = next(o for n, _, o, _ in table if n == f"vcpu{vcpu}")
+    c = base + off + vcpu_state.V2_FIXED
+    out = bytearray(rec)
+    for i in range(struct.unpack_from("<I", rec, c)[0]):
+        e = c + 8 + 40 * i
+        if struct.unpack_from("<I", rec, e)[0] == function:
+            eax = struct.unpack_from("<I", rec, e + 12)[0]
+            assert eax & clear_eax, f"leaf {function:#x} eax {eax:#x} has none of {clear_eax:#x}"
+            struct.pack_into("<I", out, e + 12, eax & ~clear_eax)
+            return bytes(out)
+    raise AssertionError(f"no CPUID leaf {function:#x}")
+
+
+def test_record_cpuid_differing_from_the_successors_is_set(counter_elf: Path, runner: str) -> None:
+    """The guest keeps the CPUID it was saved with even if the successor computed another one,
+    and the successor's next save carries it on (prepared path: same layout, other bytes)."""
+    sink = MemoryConsoleSink()
+    old = booted(counter_elf, sink)
+    new: Vm | None = None
+    try:
+        assert sink.wait_for(r"^count 0+2$", 10)
+        old.pause()
+        kvm_features = 0x40000001
+        rec = with_cpuid_changed(old.save(), 1, kvm_features, 1)  # KVM_FEATURE_CLOCKSOURCE off on vCPU 1
+        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        assert new._restore_plan.matches(rec) is not None
+        new.restore(rec)
+        ops = new._restore_plan.vcpu_ops
+        assert not new._restore_plan.batch.ran(ops[0].cpuid_op) and new._restore_plan.batch.ran(ops[1].cpuid_op)
+        _, table, base = parse_record_v2(rec)
+        off, length = next((o, ln) for n, _, o, ln in table if n == "vcpu1")
+        c = base + off + vcpu_state.V2_FIXED
+        want = rec[c : c + len(new.vcpus[1].state.cpuid)]
+        assert new.vcpus[1].state.cpuid == want != old.vcpus[1].state.cpuid
+        n, last = len(sink.lines), last_count(sink)
+        old.stop()
+        new.start()
+        line = sink.wait_for(COUNT.pattern, 10, start=n)
+        assert line is not None and int(line.split()[1], 16) == last + 1
+        new.pause()
+        again = new.save()
+        _, table, base = parse_record_v2(again)
+        off = next(o for n_, _, o, _ in table if n_ == "vcpu1")
+        c2 = base + off + vcpu_state.V2_FIXED
+        assert again[c2 : c2 + len(want)] == want
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()

@@ -4,24 +4,29 @@ Profile of the version-1 path (bench/save_restore.py --profile, 1 GiB, 2 vCPUs, 
 save 503 µs median of which 191 µs in ioctls, restore 610 µs of which 213 µs; the rest was
 Python: structs and a ``kvm_msrs`` class built per call (``__build_class__`` alone ~150 µs per
 save + restore), ``bytes()`` copies, named blobs, a JSON header and JSON device states, and
-ctypes around each of ~50 ioctls. Here, everything that does not depend on the guest's state is
-done once, in ``Vm.create`` (for a successor: at prepare, before the pause):
+ctypes around each of ~50 ioctls. And the blackout's Python runs cold (the guest had both cores
+just before): a loop that takes 37 µs warm takes 50 µs right after the pause, and a first save
+batch 120 µs where a second one right behind it takes 70. So everything that does not depend on
+the guest's state is done once, in ``Vm.create`` (for a successor: at prepare, before the pause),
+and what is left inside the blackout is as little Python as possible:
 
 - ``SavePlan``: one buffer laid out as the record's fixed payloads (every vCPU, irqchip, PIT,
   clock), each KVM_GET_* reading straight into its place; the record is then the prepared header,
   that buffer and the two small device states (uart, mmio console), joined once.
-- ``RestorePlan``: the same layout for restore (a record of this VMM's own shape, which is what
-  a predecessor of the same build on the same kernel writes); the record's fixed payloads are
-  copied in with one slice assignment, a few fields are set (``v2_prepare_restore``: which
-  optional ops run, the clock struct), and the KVM_SET_* run in kvm-notes' order, the clock last.
-  A record of another shape (another CPUID or MSR count) gets a plan built on the spot: correct,
-  just not prepared.
+- ``RestorePlan``: the same layout for restore. ``matches`` recognizes a record of this VMM's own
+  shape (which is what a predecessor of the same build on the same kernel writes) with a few byte
+  compares against the header and vCPU heads this VM would write; then its fixed payloads are
+  copied in with one slice assignment and one batch sets everything, in kvm-notes' order, the
+  clock last, skipping by itself what the fresh vCPU already holds (vcpu_state). A record of
+  another shape (another CPUID or MSR count, a differently ordered table) is parsed in full and
+  gets a plan built on the spot: correct, just not prepared.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +36,7 @@ from luo.vmm.devices.clock import KvmClock
 from luo.vmm.devices.irqchip import PIT_VERSION, IrqChip, Pit
 from luo.vmm.devices.irqchip import VERSION as IRQCHIP_VERSION
 from luo.vmm.kvm.batch import IoctlBatch
-from luo.vmm.state import RecordWriter, check_version
+from luo.vmm.state import COMP2, META2, RecordWriter, check_version, parse_record_v2
 from luo.vmm.vcpu_state import V2RestoreOps
 
 if TYPE_CHECKING:
@@ -47,9 +52,9 @@ VARIABLE = ("uart", "mmio-console")
 class Layout:
     """Where the fixed payloads of a version-2 record sit (offsets from its first payload byte).
 
-    vcpus: (offset, length, CPUID length, MSR count) per vCPU; span: end of the last one."""
+    vcpus: (offset, length, (flags, CPUID length, MSR count)) per vCPU; span: end of the last."""
 
-    vcpus: tuple[tuple[int, int, int, int], ...]
+    vcpus: tuple[tuple[int, int, tuple[int, int, int]], ...]
     irqchip: int
     pit: int
     clock: int
@@ -61,7 +66,7 @@ class Layout:
         off, vcpus = 0, []
         for v in vm.vcpus:
             n = v.state.v2_size()
-            vcpus.append((off, n, len(v.state.cpuid), len(v.state.v2_msr_indices)))
+            vcpus.append((off, n, v.state.v2_own_shape()))
             off += n
         irq, pit, clock = off, off + IrqChip.V2_SIZE, off + IrqChip.V2_SIZE + Pit.V2_SIZE
         return cls(tuple(vcpus), irq, pit, clock, clock + KvmClock.V2_SIZE)
@@ -80,8 +85,7 @@ class Layout:
         for i in range(ncpus):
             version, off, length = comps[f"vcpu{i}"]
             check_version(f"vcpu{i}", version, vcpu_state.VERSION)
-            cpuid_len, nmsrs = vcpu_state.v2_shape(record, base + off, length)
-            vcpus.append((off, length, cpuid_len, nmsrs))
+            vcpus.append((off, length, vcpu_state.v2_shape(record, base + off, length)))
         offs = {}
         for name, (version, size) in want.items():
             got, off, length = comps[name]
@@ -89,7 +93,7 @@ class Layout:
             if length != size:
                 raise LuoError(errno.EINVAL, f"the {name} section is {length} bytes, not {size}")
             offs[name] = off
-        span = max([o + n for o, n, _, _ in vcpus] + [offs[k] + comps[k][2] for k in want])
+        span = max([o + n for o, n, _ in vcpus] + [offs[k] + comps[k][2] for k in want])
         return cls(tuple(vcpus), offs["irqchip"], offs["pit"], offs["clock"], span)
 
 
@@ -108,10 +112,11 @@ class SavePlan:
         vm.clock.v2_add_save_ops(b, lay.clock)  # last: the clock keeps going while the rest is read
         b.seal()
         self.fixed = b.view[: lay.span]
-        fixed = [(f"vcpu{i}", vcpu_state.VERSION, lay.vcpus[i][1]) for i in range(nv)]
-        fixed += [("irqchip", IRQCHIP_VERSION, IrqChip.V2_SIZE), ("pit", PIT_VERSION, Pit.V2_SIZE),
-                  ("clock", CLOCK_VERSION, KvmClock.V2_SIZE)]
-        self.writer = RecordWriter({"name": vm.name, "mem_bytes": vm.mem_bytes, "ncpus": nv}, fixed, len(VARIABLE))
+        self.components = [(f"vcpu{i}", vcpu_state.VERSION, lay.vcpus[i][1]) for i in range(nv)]
+        self.components += [("irqchip", IRQCHIP_VERSION, IrqChip.V2_SIZE), ("pit", PIT_VERSION, Pit.V2_SIZE),
+                            ("clock", CLOCK_VERSION, KvmClock.V2_SIZE)]
+        self.writer = RecordWriter({"name": vm.name, "mem_bytes": vm.mem_bytes, "ncpus": nv}, self.components,
+                                   len(VARIABLE))
 
     def write_static(self) -> None:
         """Rewrite what no save changes (after a restore set another CPUID)."""
@@ -135,30 +140,59 @@ class RestorePlan:
     def __init__(self, vm: Vm, layout: Layout, use_cext: bool | None = None) -> None:
         self.vm = vm
         self.layout = lay = layout
-        nv = len(vm.vcpus)
         scratch = lay.span + (-lay.span % 8)
-        self.clock_scratch = scratch + nv * vcpu_state.V2_RESTORE_SCRATCH
+        sizes = [vcpu_state.v2_restore_scratch(len(v.state.cpuid)) for v in vm.vcpus]
+        self.clock_scratch = scratch + sum(sizes)
         self.batch = b = IoctlBatch(self.clock_scratch + KvmClock.V2_RESTORE_SCRATCH, use_cext)
         self.vcpu_ops: list[V2RestoreOps] = []
         for i, v in enumerate(vm.vcpus):
-            off, _, cpuid_len, nmsrs = lay.vcpus[i]
-            self.vcpu_ops.append(v.state.v2_add_restore_ops(b, off, cpuid_len, nmsrs,
-                                                            scratch + i * vcpu_state.V2_RESTORE_SCRATCH))
+            off, _, shape = lay.vcpus[i]
+            self.vcpu_ops.append(v.state.v2_add_restore_ops(b, off, shape, scratch))
+            scratch += sizes[i]
         vm.irqchip.v2_add_restore_ops(b, lay.irqchip)
         vm.pit.v2_add_restore_ops(b, lay.pit)
-        vm.clock.v2_add_restore_ops(b, self.clock_scratch)  # last (kvm-notes)
+        vm.clock.v2_add_restore_ops(b, lay.clock, self.clock_scratch)  # last (kvm-notes)
         b.seal()
         self._refused = {r.msrs_op: (i, r) for i, r in enumerate(self.vcpu_ops)}
         self._refused.update({r.deadline_op: (i, r) for i, r in enumerate(self.vcpu_ops)})
+        self._expect: tuple[bytes, bytes, list[tuple[int, bytes]]] | None = None
+
+    def expect_own_shape(self, save: SavePlan) -> None:
+        """Prepare ``matches``: the header and vCPU heads ``save`` writes (this plan's layout)."""
+        vm = self.vm
+        meta = struct.pack("<IIQ", vm.ncpus, len(save.components) + len(VARIABLE), vm.mem_bytes)
+        table, off = [], 0
+        for name, version, length in save.components:
+            table.append(COMP2.pack(name.encode(), version, off, length))
+            off += length
+        heads = [(o, v.state.v2_head()) for (o, _, _), v in zip(self.layout.vcpus, vm.vcpus, strict=True)]
+        self._expect = (meta, b"".join(table), heads)
+
+    def matches(self, record: bytes) -> tuple[int, int] | None:
+        """(first payload byte, offset of the variable components' entries) if ``record`` (a
+        version-2 record, already checked) has exactly this plan's layout, else None."""
+        if self._expect is None:
+            return None
+        meta, table, heads = self._expect
+        if record[16 : 16 + len(meta)] != meta:
+            return None
+        t = 16 + META2.size + int.from_bytes(record[16 + len(meta) : 16 + META2.size], "little")
+        base = 16 + int.from_bytes(record[12:16], "little")
+        if record[t : t + len(table)] != table or base != t + len(table) + COMP2.size * len(VARIABLE):
+            return None
+        if base + self.layout.span > len(record):
+            return None
+        for off, head in heads:
+            if record[base + off : base + off + len(head)] != head:
+                return None
+        return base, t + len(table)
 
     def restore(self, record: bytes, base: int) -> bool:
         """Load the record's fixed payloads into KVM; True if some vCPU's CPUID was set anew."""
         b, lay = self.batch, self.layout
         b.view[: lay.span] = memoryview(record)[base : base + lay.span]
-        changed = False
-        for v, r in zip(self.vm.vcpus, self.vcpu_ops, strict=True):
-            changed |= v.state.v2_prepare_restore(b, r)
-        KvmClock.v2_prepare_restore(b, lay.clock, self.clock_scratch)
+        if not self.vm.clock.passthrough:
+            KvmClock.v2_prepare_restore(b, lay.clock, self.clock_scratch)
         start = 0
         while (got := b.run(start)) is not None:
             i, done = got
@@ -167,4 +201,41 @@ class RestorePlan:
             cpu, r = self._refused[i]
             self.vm.vcpus[cpu].state.v2_msrs_refused(b, r, i, done)
             start = i + 1
+        changed = False
+        for v, r in zip(self.vm.vcpus, self.vcpu_ops, strict=True):
+            changed |= v.state.v2_restored(b, r)
         return changed
+
+
+def restore_v2(vm: Vm, record: bytes, prepared: RestorePlan) -> bool:
+    """Restore a version-2 record into ``vm``: the prepared plan when the record has its layout,
+    else a plan for the record's own. True if some vCPU's CPUID was set anew."""
+    plan, comps, base = prepared, _variable_if_prepared(record, prepared), 0
+    if comps is not None:
+        base, comps = comps
+    else:
+        meta, table, base = parse_record_v2(record)
+        vm.check_record_shape(meta)
+        layout = Layout.of_record(record, table, base, vm.ncpus)
+        if layout != prepared.layout:
+            plan = RestorePlan(vm, layout)
+        comps = [c for c in table if c[0] in VARIABLE]
+    for name, version, off, length in comps:  # no KVM state: before the batch, which ends with the clock
+        dev = vm.uart if name == "uart" else vm.mmio_console
+        dev.restore(version, record[base + off : base + off + length])
+    return plan.restore(record, base)
+
+
+def _variable_if_prepared(record: bytes, plan: RestorePlan) -> tuple[int, list[tuple[str, int, int, int]]] | None:
+    """(first payload byte, the uart and mmio-console entries) if the record has the plan's layout."""
+    m = plan.matches(record)
+    if m is None:
+        return None
+    base, var = m
+    comps = []
+    for i in range(len(VARIABLE)):
+        name, version, off, length = COMP2.unpack_from(record, var + COMP2.size * i)
+        if name.rstrip(b"\0") != VARIABLE[i].encode() or base + off + length > len(record):
+            return None
+        comps.append((VARIABLE[i], version, off, length))
+    return base, comps

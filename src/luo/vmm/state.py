@@ -30,8 +30,8 @@ MAGIC = b"LUOVMST\x00"
 RECORD_VERSION = 2  # what Vm.save() writes
 KNOWN_VERSIONS = (1, 2)  # what Vm.restore() reads
 _HDR = struct.Struct("<8sII")
-_META2 = struct.Struct("<IIQH")  # ncpus, ncomponents, mem_bytes, name length
-_COMP2 = struct.Struct("<16sIII")  # name, version, offset, length
+META2 = struct.Struct("<IIQH")  # ncpus, ncomponents, mem_bytes, name length
+COMP2 = struct.Struct("<16sIII")  # name, version, offset, length
 
 
 def record_version(record: bytes) -> int:
@@ -59,12 +59,12 @@ class RecordWriter:
 
     def __init__(self, meta: dict[str, Any], fixed: list[tuple[str, int, int]], nvariable: int) -> None:
         name = str(meta["name"]).encode()
-        hlen = _META2.size + len(name) + _COMP2.size * (len(fixed) + nvariable)
-        parts = [_HDR.pack(MAGIC, 2, hlen), _META2.pack(meta["ncpus"], len(fixed) + nvariable, meta["mem_bytes"],
+        hlen = META2.size + len(name) + COMP2.size * (len(fixed) + nvariable)
+        parts = [_HDR.pack(MAGIC, 2, hlen), META2.pack(meta["ncpus"], len(fixed) + nvariable, meta["mem_bytes"],
                                                        len(name)), name]
         off = 0
         for cname, version, length in fixed:
-            parts.append(_COMP2.pack(cname.encode(), version, off, length))
+            parts.append(COMP2.pack(cname.encode(), version, off, length))
             off += length
         self.fixed_len = off
         self._head = b"".join(parts)
@@ -72,7 +72,7 @@ class RecordWriter:
     def build(self, fixed: memoryview | bytes, variable: list[tuple[str, int, bytes]]) -> bytes:
         off, entries = self.fixed_len, []
         for cname, version, payload in variable:
-            entries.append(_COMP2.pack(cname.encode(), version, off, len(payload)))
+            entries.append(COMP2.pack(cname.encode(), version, off, len(payload)))
             off += len(payload)
         return b"".join([self._head, *entries, fixed, *(p for _, _, p in variable)])
 
@@ -82,19 +82,19 @@ def parse_record_v2(record: bytes) -> tuple[dict[str, Any], list[tuple[str, int,
     record; LuoError(EINVAL) for a damaged one."""
     _, _, hlen = _HDR.unpack_from(record)
     base = _HDR.size + hlen
-    if base > len(record) or hlen < _META2.size:
+    if base > len(record) or hlen < META2.size:
         raise LuoError(errno.EINVAL, "the VM state record header reaches past its end")
-    ncpus, ncomp, mem_bytes, nlen = _META2.unpack_from(record, _HDR.size)
-    p = _HDR.size + _META2.size
-    if p + nlen + ncomp * _COMP2.size != base:
+    ncpus, ncomp, mem_bytes, nlen = META2.unpack_from(record, _HDR.size)
+    p = _HDR.size + META2.size
+    if p + nlen + ncomp * COMP2.size != base:
         raise LuoError(errno.EINVAL, "the VM state record header has the wrong length for its components")
     name = record[p : p + nlen].decode("utf-8", "replace")
     p += nlen
     table = []
     size = len(record) - base
     for _ in range(ncomp):
-        cname, version, off, length = _COMP2.unpack_from(record, p)
-        p += _COMP2.size
+        cname, version, off, length = COMP2.unpack_from(record, p)
+        p += COMP2.size
         n = cname.rstrip(b"\0").decode("ascii", "replace")
         if off + length > size:
             raise LuoError(errno.EINVAL, f"component {n} reaches past the end of the VM state record")

@@ -10,10 +10,12 @@ Version 2 (the record's vCPU payload since issue 8 item 2) is one flat layout, `
 that the ioctls read into and write from in place: ``v2_add_save_ops``/``v2_add_restore_ops``
 put this vCPU's ioctls in the VM's prepared batch (luo.vmm.kvm.batch) at VM creation, so inside
 the blackout nothing is allocated or converted. Restore skips what cannot differ from what the
-successor's fresh vCPU already holds: CPUID (set at creation; compared), the TSC offset when equal
-to the one read at creation (always, on PVM: the offset is 0), and a TSC deadline of 0 (disarmed,
-as in a fresh vCPU). The TSC deadline is read with the other MSRs (the last entry), one
-KVM_GET_MSRS instead of two. Version 1 (named blobs) is still read, and written by ``save_v1``.
+successor's fresh vCPU already holds, and the batch decides that itself from the payload's bytes
+(no Python per restore): CPUID equal to the one set at creation, the TSC offset equal to the one
+read at creation (always, on PVM: the offset is 0), a TSC deadline of 0 (disarmed, as in a fresh
+vCPU). The TSC deadline has its own one-entry kvm_msrs in the payload (one more KVM_GET_MSRS at
+save, ~2.5 µs, instead of rewriting the MSR count at restore). Version 1 (named blobs) is still
+read, and written by ``save_v1``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,16 @@ log = logging.getLogger("luo.vmm")
 VERSION = 2  # written by the fast path (record version 2)
 VERSION_V1 = 1  # named blobs: read, and written by save_v1()
 
-# Version 2 payload: head | the fixed structs below | CPUID (kvm_cpuid2) | MSRs (kvm_msrs, the
-# TSC deadline last when saved). Every offset is 8-aligned; the two variable parts come last so
-# the fixed ones sit at the same offsets whatever the CPUID and MSR counts.
-V2_HEAD = struct.Struct("<IIQ")  # flags, CPUID length, reserved
+# Version 2 payload: head | the fixed structs below | the TSC deadline (a one-entry kvm_msrs) |
+# CPUID (kvm_cpuid2) | the other MSRs (kvm_msrs). Every offset is 8-aligned; the two variable parts
+# come last so the fixed ones sit at the same offsets whatever the CPUID and MSR counts, and the
+# head says how long the variable parts are, so a restore can check a record's shape with a few
+# byte compares (saveplan.RestorePlan.matches).
+V2_HEAD = struct.Struct("<IIII")  # flags, CPUID length, MSR count, reserved
 V2_FLAG_TSC_OFFSET = 1
+_MSRS_HEAD = struct.Struct("<II")
+_MSR = struct.Struct("<IIQ")
+_ATTR = struct.Struct("<IIQQ")  # kvm_device_attr
 
 
 def _v2_offsets() -> tuple[dict[str, tuple[int, int]], int]:
@@ -50,7 +57,7 @@ def _v2_offsets() -> tuple[dict[str, tuple[int, int]], int]:
     for name, size in (("regs", C.sizeof(S.KvmRegs)), ("sregs", C.sizeof(S.KvmSregs)), ("xsave", C.sizeof(S.KvmXsave)),
                        ("xcrs", C.sizeof(S.KvmXcrs)), ("lapic", C.sizeof(S.KvmLapicState)),
                        ("events", C.sizeof(S.KvmVcpuEvents)), ("mp_state", 8), ("debugregs", C.sizeof(S.KvmDebugregs)),
-                       ("tsc_offset", 8)):
+                       ("tsc_offset", 8), ("tsc_deadline", _MSRS_HEAD.size + _MSR.size)):
         out[name] = (off, size)
         off += size
     return out, off
@@ -58,38 +65,43 @@ def _v2_offsets() -> tuple[dict[str, tuple[int, int]], int]:
 
 V2_PARTS, V2_FIXED = _v2_offsets()
 V2_TSC = V2_PARTS["tsc_offset"][0]
-_MSRS_HEAD = struct.Struct("<II")
-_MSR = struct.Struct("<IIQ")
-_ATTR = struct.Struct("<IIQQ")  # kvm_device_attr
+V2_DEADLINE = V2_PARTS["tsc_deadline"][0]
 V2_SAVE_SCRATCH = _ATTR.size  # the TSC-offset attribute
-V2_RESTORE_SCRATCH = _ATTR.size + _MSRS_HEAD.size + _MSR.size  # the attribute, a one-entry kvm_msrs
 
 
-def v2_shape(payload: bytes | memoryview, off: int, length: int) -> tuple[int, int]:
-    """(CPUID length, MSR count) of the version-2 vCPU payload at ``off``; EINVAL if it does not add up."""
-    if length < V2_FIXED + _MSRS_HEAD.size:
+def v2_restore_scratch(own_cpuid_len: int) -> int:
+    """Scratch bytes of one vCPU's restore: the attribute, the TSC offset at creation, our CPUID."""
+    return _ATTR.size + 8 + own_cpuid_len
+
+
+def v2_shape(payload: bytes | memoryview, off: int, length: int) -> tuple[int, int, int]:
+    """(flags, CPUID length, MSR count) of the version-2 vCPU payload at ``off``; EINVAL if it does not add up."""
+    if length < V2_FIXED:
         raise LuoError(errno.EINVAL, f"a vCPU payload of {length} bytes is too short")
-    _, cpuid_len, _ = V2_HEAD.unpack_from(payload, off)
-    m = V2_FIXED + cpuid_len
-    if cpuid_len % 8 or m + _MSRS_HEAD.size > length:
-        raise LuoError(errno.EINVAL, f"a vCPU payload's CPUID length {cpuid_len} does not fit it")
-    nmsrs = _MSRS_HEAD.unpack_from(payload, off + m)[0]
-    if m + _MSRS_HEAD.size + _MSR.size * nmsrs != length:
-        raise LuoError(errno.EINVAL, f"a vCPU payload of {length} bytes cannot hold {nmsrs} MSRs")
-    return cpuid_len, nmsrs
+    flags, cpuid_len, nmsrs, _ = V2_HEAD.unpack_from(payload, off)
+    c = off + V2_FIXED
+    if cpuid_len % 8 or cpuid_len < 8 or V2_FIXED + cpuid_len + _MSRS_HEAD.size + _MSR.size * nmsrs != length:
+        raise LuoError(errno.EINVAL, f"a vCPU payload of {length} bytes cannot hold {cpuid_len} bytes of CPUID "
+                                     f"and {nmsrs} MSRs")
+    if 8 + 40 * struct.unpack_from("<I", payload, c)[0] != cpuid_len:
+        raise LuoError(errno.EINVAL, "a vCPU payload's CPUID entry count does not match its length")
+    if _MSRS_HEAD.unpack_from(payload, c + cpuid_len)[0] != nmsrs:
+        raise LuoError(errno.EINVAL, "a vCPU payload's MSR count does not match its head")
+    if _MSRS_HEAD.unpack_from(payload, off + V2_DEADLINE)[0] > 1:
+        raise LuoError(errno.EINVAL, "a vCPU payload's TSC deadline holds more than one MSR")
+    return flags, cpuid_len, nmsrs
 
 
 @dataclass
 class V2RestoreOps:
-    """Where one vCPU's restore sits in a restore batch: its payload and the ops set per restore."""
+    """Where one vCPU's restore sits in a restore batch."""
 
     base: int
     cpuid_len: int
-    nmsrs: int
-    scratch: int
+    cpuid_op: int
     msrs_op: int
-    tsc_op: int
     deadline_op: int
+
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 0x10000, 0x80000000
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
@@ -155,8 +167,6 @@ class VcpuState:
             ioctl(fd, K.KVM_GET_DEVICE_ATTR, self._tsc_attr, "KVM_GET_DEVICE_ATTR(TSC_OFFSET)")
             self.tsc_offset_at_create = self._tsc_attr_val.value
         self.nx = cpuid_mod.nx_supported(kvm.supported_cpuid)
-        # version 2 saves the TSC deadline as the last of its MSRs
-        self.v2_msr_indices = self.msr_indices + ((K.MSR_IA32_TSC_DEADLINE,) if self.has_deadline else ())
 
     def _set_cpuid(self, raw: bytes) -> None:
         c = cpuid_mod.cpuid_struct(raw)
@@ -208,16 +218,27 @@ class VcpuState:
 
     def v2_size(self) -> int:
         """Bytes of this vCPU's version-2 payload."""
-        return V2_FIXED + len(self.cpuid) + _MSRS_HEAD.size + _MSR.size * len(self.v2_msr_indices)
+        return V2_FIXED + len(self.cpuid) + _MSRS_HEAD.size + _MSR.size * len(self.msr_indices)
+
+    def v2_own_shape(self) -> tuple[int, int, int]:
+        """(flags, CPUID length, MSR count) of this vCPU's own version-2 payload (v2_shape)."""
+        return V2_FLAG_TSC_OFFSET if self.has_tsc_offset else 0, len(self.cpuid), len(self.msr_indices)
+
+    def v2_head(self) -> bytes:
+        """The head of this vCPU's version-2 payload: a record with this head has its shape."""
+        return V2_HEAD.pack(*self.v2_own_shape(), 0)
 
     def v2_write_static(self, view: memoryview, base: int) -> None:
         """The parts of this vCPU's save payload that no save changes: head, CPUID, MSR indices."""
-        V2_HEAD.pack_into(view, base, V2_FLAG_TSC_OFFSET if self.has_tsc_offset else 0, len(self.cpuid), 0)
+        view[base : base + V2_HEAD.size] = self.v2_head()
+        dl = base + V2_DEADLINE
+        _MSRS_HEAD.pack_into(view, dl, 1 if self.has_deadline else 0, 0)
+        _MSR.pack_into(view, dl + _MSRS_HEAD.size, K.MSR_IA32_TSC_DEADLINE if self.has_deadline else 0, 0, 0)
         c = base + V2_FIXED
         view[c : c + len(self.cpuid)] = self.cpuid
         m = c + len(self.cpuid)
-        _MSRS_HEAD.pack_into(view, m, len(self.v2_msr_indices), 0)
-        for i, idx in enumerate(self.v2_msr_indices):
+        _MSRS_HEAD.pack_into(view, m, len(self.msr_indices), 0)
+        for i, idx in enumerate(self.msr_indices):
             _MSR.pack_into(view, m + _MSRS_HEAD.size + _MSR.size * i, idx, 0, 0)
 
     def v2_add_save_ops(self, b: IoctlBatch, base: int, scratch: int) -> None:
@@ -228,9 +249,12 @@ class VcpuState:
                           ("xcrs", K.KVM_GET_XCRS)):
             off, size = V2_PARTS[part]
             b.add(fd, req, base + off, size, f"{name} {K.NAMES[req]}")
-        n = len(self.v2_msr_indices)
+        n = len(self.msr_indices)
         b.add(fd, K.KVM_GET_MSRS, base + V2_FIXED + len(self.cpuid), _MSRS_HEAD.size + _MSR.size * n,
               f"{name} KVM_GET_MSRS", expect=n)
+        if self.has_deadline:
+            b.add(fd, K.KVM_GET_MSRS, base + V2_DEADLINE, _MSRS_HEAD.size + _MSR.size, f"{name} KVM_GET_MSRS(TSC_DEADLINE)",
+                  expect=1)
         for part, req in (("lapic", K.KVM_GET_LAPIC), ("events", K.KVM_GET_VCPU_EVENTS),
                           ("mp_state", K.KVM_GET_MP_STATE), ("debugregs", K.KVM_GET_DEBUGREGS)):
             off, size = V2_PARTS[part]
@@ -239,10 +263,22 @@ class VcpuState:
             _ATTR.pack_into(b.view, scratch, 0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, b.addr + base + V2_TSC)
             b.add(fd, K.KVM_GET_DEVICE_ATTR, scratch, _ATTR.size, f"{name} KVM_GET_DEVICE_ATTR(TSC_OFFSET)")
 
-    def v2_add_restore_ops(self, b: IoctlBatch, base: int, cpuid_len: int, nmsrs: int, scratch: int) -> V2RestoreOps:
-        """This vCPU's restore from the payload at ``base`` (``V2_RESTORE_SCRATCH`` bytes at
-        ``scratch``), in the order of the module docstring; the optional ops start skipped."""
-        fd, name = self.fd, f"vcpu{self.index}"
+    def v2_add_restore_ops(self, b: IoctlBatch, base: int, shape: tuple[int, int, int], scratch: int) -> V2RestoreOps:
+        """This vCPU's restore from a payload of ``shape`` (v2_shape) at ``base``, in the order of
+        the module docstring (``v2_restore_scratch`` bytes at ``scratch``). What cannot differ from
+        the fresh vCPU is skipped by the batch itself when the payload's bytes say so: CPUID equal to
+        ours, TSC offset equal to the one at creation, a TSC deadline of 0 (disarmed, as fresh)."""
+        flags, cpuid_len, nmsrs = shape
+        if flags & V2_FLAG_TSC_OFFSET and not self.has_tsc_offset:
+            raise LuoError(errno.EOPNOTSUPP, "the saved vCPU has a TSC offset but this KVM cannot set one")
+        fd, name, view = self.fd, f"vcpu{self.index}", b.view
+        attr, tsc_now, own = scratch, scratch + _ATTR.size, scratch + _ATTR.size + 8
+        _ATTR.pack_into(view, attr, 0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, b.addr + base + V2_TSC)
+        struct.pack_into("<Q", view, tsc_now, self.tsc_offset_at_create)
+        view[own : own + len(self.cpuid)] = self.cpuid
+        c = base + V2_FIXED
+        cpuid_op = b.add(fd, K.KVM_SET_CPUID2, c, cpuid_len, f"{name} KVM_SET_CPUID2",
+                         if_different=(c, own, cpuid_len) if cpuid_len == len(self.cpuid) else None)
 
         def put(part: str, req: int) -> int:
             off, size = V2_PARTS[part]
@@ -252,50 +288,27 @@ class VcpuState:
         put("regs", K.KVM_SET_REGS)
         put("xsave", K.KVM_SET_XSAVE)
         put("xcrs", K.KVM_SET_XCRS)
-        msrs_op = b.add(fd, K.KVM_SET_MSRS, base + V2_FIXED + cpuid_len, _MSRS_HEAD.size + _MSR.size * nmsrs,
-                        f"{name} KVM_SET_MSRS", expect=nmsrs)
-        _ATTR.pack_into(b.view, scratch, 0, K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, b.addr + base + V2_TSC)
-        tsc_op = b.add(fd, K.KVM_SET_DEVICE_ATTR, scratch, _ATTR.size, f"{name} KVM_SET_DEVICE_ATTR(TSC_OFFSET)",
-                       skip=True)
+        msrs_op = b.add(fd, K.KVM_SET_MSRS, c + cpuid_len, _MSRS_HEAD.size + _MSR.size * nmsrs, f"{name} KVM_SET_MSRS",
+                        expect=nmsrs)
+        if flags & V2_FLAG_TSC_OFFSET:
+            b.add(fd, K.KVM_SET_DEVICE_ATTR, attr, _ATTR.size, f"{name} KVM_SET_DEVICE_ATTR(TSC_OFFSET)",
+                  if_different=(base + V2_TSC, tsc_now, 8))
         put("mp_state", K.KVM_SET_MP_STATE)
         put("lapic", K.KVM_SET_LAPIC)
-        dl = scratch + _ATTR.size
-        _MSRS_HEAD.pack_into(b.view, dl, 1, 0)
+        dl = base + V2_DEADLINE
         deadline_op = b.add(fd, K.KVM_SET_MSRS, dl, _MSRS_HEAD.size + _MSR.size, f"{name} KVM_SET_MSRS(TSC_DEADLINE)",
-                            expect=1, skip=True)
+                            expect=1, if_nonzero=(dl + _MSRS_HEAD.size + 8, 8))
         put("events", K.KVM_SET_VCPU_EVENTS)
         put("debugregs", K.KVM_SET_DEBUGREGS)
-        return V2RestoreOps(base, cpuid_len, nmsrs, scratch, msrs_op, tsc_op, deadline_op)
+        return V2RestoreOps(base, cpuid_len, cpuid_op, msrs_op, deadline_op)
 
-    def v2_prepare_restore(self, b: IoctlBatch, r: V2RestoreOps) -> bool:
-        """Per restore, before the batch runs (its payload already copied in): CPUID if it differs
-        (True then), which optional ops run, the MSR count without the TSC deadline."""
-        view = b.view
-        flags, cpuid_len, _ = V2_HEAD.unpack_from(view, r.base)
+    def v2_restored(self, b: IoctlBatch, r: V2RestoreOps) -> bool:
+        """After the batch: True if it set the record's CPUID (now ours, for the next save)."""
+        if not b.ran(r.cpuid_op):
+            return False
         c = r.base + V2_FIXED
-        cpuid = bytes(view[c : c + cpuid_len])
-        changed = cpuid != self.cpuid
-        if changed:
-            self._set_cpuid(cpuid)
-            self.cpuid = cpuid
-        m = c + cpuid_len
-        n = r.nmsrs
-        deadline = 0
-        if n and _MSR.unpack_from(view, m + _MSRS_HEAD.size + _MSR.size * (n - 1))[0] == K.MSR_IA32_TSC_DEADLINE:
-            n -= 1
-            deadline = _MSR.unpack_from(view, m + _MSRS_HEAD.size + _MSR.size * n)[2]
-            _MSRS_HEAD.pack_into(view, m, n, 0)
-        b.set_expect(r.msrs_op, n)
-        if deadline:
-            _MSR.pack_into(view, r.scratch + _ATTR.size + _MSRS_HEAD.size, K.MSR_IA32_TSC_DEADLINE, 0, deadline)
-        b.set_skip(r.deadline_op, not deadline)  # 0 is what a fresh vCPU holds: disarmed
-        if flags & V2_FLAG_TSC_OFFSET:
-            if not self.has_tsc_offset:
-                raise LuoError(errno.EOPNOTSUPP, "the saved vCPU has a TSC offset but this KVM cannot set one")
-            b.set_skip(r.tsc_op, struct.unpack_from("<Q", view, r.base + V2_TSC)[0] == self.tsc_offset_at_create)
-        else:
-            b.set_skip(r.tsc_op, True)
-        return changed
+        self.cpuid = bytes(b.view[c : c + r.cpuid_len])
+        return True
 
     def v2_msrs_refused(self, b: IoctlBatch, r: V2RestoreOps, op: int, done: int) -> None:
         """KVM_SET_MSRS of the batch stopped at entry ``done``: skip it (logged) and set the rest."""
@@ -303,9 +316,10 @@ class VcpuState:
             log.warning("vcpu%d: KVM refused the TSC deadline MSR; skipped", self.index)
             return
         m = r.base + V2_FIXED + r.cpuid_len + _MSRS_HEAD.size
-        n = b.ops[op].expect
-        pairs = [(_MSR.unpack_from(b.view, m + _MSR.size * i)[0], _MSR.unpack_from(b.view, m + _MSR.size * i)[2])
-                 for i in range(done, n)]
+        pairs = []
+        for i in range(done, b.ops[op].expect):
+            idx, _, val = _MSR.unpack_from(b.view, m + _MSR.size * i)
+            pairs.append((idx, val))
         log.warning("vcpu%d: KVM refused MSR %#x=%#x; skipped", self.index, *pairs[0])
         self._set_msrs(pairs[1:])
 

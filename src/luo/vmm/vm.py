@@ -29,8 +29,8 @@ from luo.vmm.kvm import structs as S
 from luo.vmm.kvm.sys import ioctl
 from luo.vmm.kvm.system import KvmSystem
 from luo.vmm.memory import GuestMemory
-from luo.vmm.saveplan import Layout, RestorePlan, SavePlan
-from luo.vmm.state import RECORD_VERSION, build_record, parse_record, parse_record_v2, record_version
+from luo.vmm.saveplan import RestorePlan, SavePlan, restore_v2
+from luo.vmm.state import RECORD_VERSION, build_record, parse_record, record_version
 from luo.vmm.vcpu import Vcpu, install_kick_handler
 
 log = logging.getLogger("luo.vmm")
@@ -116,6 +116,7 @@ class Vm:
                 vm.vcpus.append(Vcpu(vm.fd, i, ncpus, vm.ports, vm.mmio, vm._vcpu_stopped))
             vm._save_plan = SavePlan(vm)
             vm._restore_plan = RestorePlan(vm, vm._save_plan.layout)  # a predecessor like us writes this layout
+            vm._restore_plan.expect_own_shape(vm._save_plan)
         except BaseException:
             vm._close_fds()
             raise
@@ -221,7 +222,8 @@ class Vm:
         self._booted_or_restored = True
         self.timings["restore"] = _ms(t0)
 
-    def _check_shape(self, meta: dict[str, object]) -> None:
+    def check_record_shape(self, meta: dict[str, object]) -> None:
+        """EINVAL unless a record's meta is of a VM like this one (vCPUs, RAM size)."""
         if meta["ncpus"] != self.ncpus or meta["mem_bytes"] != self.mem_bytes:
             raise LuoError(
                 errno.EINVAL,
@@ -230,21 +232,12 @@ class Vm:
             )
 
     def _restore_v2(self, record: bytes) -> None:
-        meta, table, base = parse_record_v2(record)
-        self._check_shape(meta)
-        layout = Layout.of_record(record, table, base, self.ncpus)
-        plan = self._restore_plan if layout == self._restore_plan.layout else RestorePlan(self, layout)
-        for name, version, off, length in table:  # no KVM state: before the batch, which ends with the clock
-            if name == "uart":
-                self.uart.restore(version, record[base + off : base + off + length])
-            elif name == "mmio-console":
-                self.mmio_console.restore(version, record[base + off : base + off + length])
-        if plan.restore(record, base):
+        if restore_v2(self, record, self._restore_plan):
             self._save_plan.write_static()  # the guest's CPUID is now the record's: save that one
 
     def _restore_v1(self, record: bytes) -> None:
         meta, comps = parse_record(record)
-        self._check_shape(meta)
+        self.check_record_shape(meta)
         for name in [f"vcpu{i}" for i in range(self.ncpus)] + ["irqchip", "pit", "uart", "mmio-console", "clock"]:
             if name not in comps:
                 raise LuoError(errno.EINVAL, f"the VM state record has no {name} section")

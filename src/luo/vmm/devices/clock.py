@@ -4,9 +4,12 @@ With the realtime stamp KVM advances the guest clock by the real time the blacko
 time neither jumps back nor stalls; without it (older kernels) the clock resumes where it stopped.
 
 The payload is the raw kvm_clock_data of KVM_GET_CLOCK (version 1, in both record versions). In
-the prepared batch of record version 2 the GET goes straight into the record, and the SET reads
-a scratch struct that ``v2_prepare_restore`` fills from the payload (clock, realtime, the
-REALTIME flag only): the batch's last op, so the clock is set after everything else.
+the prepared batches of record version 2 the GET goes straight into the record and the SET, the
+batch's last op (the clock is set after everything else), reads the record's bytes as they are
+when this kernel takes KVM_GET_CLOCK's output back unchanged: from 5.16 on it accepts (and
+ignores) the flags other than REALTIME and host_tsc, but the first 5.16 patch refused them, so
+it is probed when the VM is created (``passthrough``). Without it the SET reads a scratch struct
+that ``v2_prepare_restore`` fills as ``restore`` does (clock, realtime, only the REALTIME flag).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import struct
 from luo.vmm.kvm import ioctls as K
 from luo.vmm.kvm import structs as S
 from luo.vmm.kvm.batch import IoctlBatch
-from luo.vmm.kvm.sys import ioctl
+from luo.vmm.kvm.sys import ioctl, ioctl_raw
 from luo.vmm.state import check_version
 
 VERSION = 1
@@ -28,6 +31,11 @@ _FIELDS = struct.Struct("<QI4xQ")  # clock, flags, realtime: the head of kvm_clo
 class KvmClock:
     def __init__(self, vm_fd: int) -> None:
         self.vm_fd = vm_fd
+        # Whether KVM_SET_CLOCK takes KVM_GET_CLOCK's output as is. Probed on the fresh VM (its
+        # clock is set to what it reads: a step of a few µs before it ever ran).
+        d = S.KvmClockData()
+        ioctl(vm_fd, K.KVM_GET_CLOCK, d, "KVM_GET_CLOCK")
+        self.passthrough = bool(d.flags & K.KVM_CLOCK_REALTIME) and ioctl_raw(vm_fd, K.KVM_SET_CLOCK, d)[0] == 0
 
     V2_SIZE = _DATA
     V2_RESTORE_SCRATCH = _DATA
@@ -35,8 +43,9 @@ class KvmClock:
     def v2_add_save_ops(self, b: IoctlBatch, off: int) -> None:
         b.add(self.vm_fd, K.KVM_GET_CLOCK, off, _DATA, "KVM_GET_CLOCK")
 
-    def v2_add_restore_ops(self, b: IoctlBatch, scratch: int) -> None:
-        b.add(self.vm_fd, K.KVM_SET_CLOCK, scratch, _DATA, "KVM_SET_CLOCK")
+    def v2_add_restore_ops(self, b: IoctlBatch, payload: int, scratch: int) -> None:
+        """SET from the payload itself, or (no passthrough) from ``scratch`` after v2_prepare_restore."""
+        b.add(self.vm_fd, K.KVM_SET_CLOCK, payload if self.passthrough else scratch, _DATA, "KVM_SET_CLOCK")
 
     @staticmethod
     def v2_prepare_restore(b: IoctlBatch, payload: int, scratch: int) -> None:

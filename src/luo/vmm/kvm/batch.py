@@ -26,9 +26,10 @@ from pathlib import Path
 
 from luo.errors import LuoError
 
-ABI = 1
-OP_SKIP, OP_CHECK = 1, 2
-OP = struct.Struct("<iIQQq")  # struct luo_op: fd, flags, request, offset, expect
+ABI = 2
+OP_SKIP, OP_CHECK, OP_IF_NONZERO, OP_IF_DIFFERENT = 1, 2, 4, 8
+NOT_RUN = -(1 << 63)  # results[i] of an op that did not run
+OP = struct.Struct("<iIQQqQQQ")  # struct luo_op: fd, flags, request, offset, expect, cond_a, cond_b, cond_len
 LIB_PATH = Path(__file__).with_name("_ioctl_batch.so")
 
 
@@ -43,7 +44,7 @@ def _load() -> C.CDLL | None:
             return None
         fn = lib.luo_ioctl_batch
         fn.argtypes = [C.c_void_p, C.c_int, C.c_int, C.c_void_p, C.POINTER(C.c_int),
-                       C.POINTER(C.c_int64), C.c_void_p]
+                       C.POINTER(C.c_int64), C.c_void_p, C.c_void_p]
         fn.restype = C.c_int
         return lib
     except (OSError, AttributeError):
@@ -67,14 +68,18 @@ class Op:
     name: str
     flags: int
     expect: int
+    cond_a: int = 0
+    cond_b: int = 0
+    cond_len: int = 0
 
 
 class IoctlBatch:
     """Ops over one zeroed buffer of ``size`` bytes (stable address: ctypes owns it).
 
     Build with ``add`` and ``seal``; then ``set_skip``/``set_expect`` may change an op between
-    runs (both cheap), and ``run`` executes it. ``use_cext=False`` forces the fcntl fallback
-    (tests run both).
+    runs, and ``run`` executes it; ``results[i]`` is then op i's return value, or NOT_RUN.
+    ``use_cext=False`` (or LUO_VMM_NO_CEXT=1 when the batch is built) forces the fcntl fallback;
+    tests run both.
     """
 
     def __init__(self, size: int, use_cext: bool | None = None) -> None:
@@ -85,31 +90,48 @@ class IoctlBatch:
         self.cext = have_cext() if use_cext is None else (use_cext and _LIB is not None)
         self._packed: C.Array[C.c_char] | None = None
         self._views: list[memoryview] = []
+        self.results: C.Array[C.c_int64] = (C.c_int64 * 1)()
         self._err = C.c_int()
         self._res = C.c_int64()
+        self._args: tuple[object, ...] = ()
         self.trace: list[tuple[str, int]] | None = None  # (op name, ns) per op run, when a profiler asks
 
     def add(self, fd: int, req: int, off: int, size: int, name: str, expect: int | None = None,
-            skip: bool = False) -> int:
-        """Append an op whose argument is the ``size`` bytes at ``off``; its index."""
+            skip: bool = False, if_nonzero: tuple[int, int] | None = None,
+            if_different: tuple[int, int, int] | None = None) -> int:
+        """Append an op whose argument is the ``size`` bytes at ``off``; its index.
+
+        ``if_nonzero=(off, len)``: run only if those bytes are not all zero at run time;
+        ``if_different=(a, b, len)``: only if the bytes at a and at b differ."""
         if self._packed is not None:
             raise LuoError(errno.EBUSY, "ioctl batch already sealed")
-        if off < 0 or off + size > len(self.view):
-            raise LuoError(errno.EINVAL, f"{name}: argument {off}+{size} outside the {len(self.view)}-byte buffer")
         flags = (OP_CHECK if expect is not None else 0) | (OP_SKIP if skip else 0)
-        self.ops.append(Op(fd, req, off, size, name, flags, expect or 0))
+        cond = (0, 0, 0)
+        if if_nonzero is not None:
+            flags |= OP_IF_NONZERO
+            cond = (if_nonzero[0], 0, if_nonzero[1])
+        if if_different is not None:
+            flags |= OP_IF_DIFFERENT
+            cond = if_different
+        for a, n in ((off, size), (cond[0], cond[2]), (cond[1], cond[2])):
+            if a < 0 or n < 0 or a + n > len(self.view):
+                raise LuoError(errno.EINVAL, f"{name}: bytes {a}+{n} outside the {len(self.view)}-byte buffer")
+        self.ops.append(Op(fd, req, off, size, name, flags, expect or 0, *cond))
         return len(self.ops) - 1
 
     def seal(self) -> None:
-        self._packed = (C.c_char * max(1, OP.size * len(self.ops)))()
-        for i in range(len(self.ops)):
+        n = len(self.ops)
+        self._packed = (C.c_char * max(1, OP.size * n))()
+        for i in range(n):
             self._pack(i)
         self._views = [self.view[o.off : o.off + o.size] for o in self.ops]
+        self.results = (C.c_int64 * max(1, n))()
+        self._args = (self._packed, n, self.addr, C.byref(self._err), C.byref(self._res), self.results)
 
     def _pack(self, i: int) -> None:
         assert self._packed is not None
         o = self.ops[i]
-        OP.pack_into(self._packed, i * OP.size, o.fd, o.flags, o.req, o.off, o.expect)
+        OP.pack_into(self._packed, i * OP.size, o.fd, o.flags, o.req, o.off, o.expect, o.cond_a, o.cond_b, o.cond_len)
 
     def set_skip(self, i: int, skip: bool) -> None:
         o = self.ops[i]
@@ -124,31 +146,56 @@ class IoctlBatch:
             o.expect, o.flags = expect, o.flags | OP_CHECK
             self._pack(i)
 
+    def ran(self, i: int) -> bool:
+        """Whether op i ran in the last run."""
+        return bool(self.results[i] != NOT_RUN)
+
     def run(self, start: int = 0) -> tuple[int, int] | None:
-        """Run ops[start:]. None when all ran; (index, result) at the first op whose result was
-        not its expect (the rest did not run); LuoError at the first that failed."""
+        """Run ops[start:]. None when all ran (or were not wanted); (index, result) at the first op
+        whose result was not its expect (the rest did not run); LuoError at the first that failed."""
         if self._packed is None:
             raise LuoError(errno.EINVAL, "ioctl batch not sealed")
-        n = len(self.ops)
         if self.cext and _LIB is not None:
-            ns = (C.c_uint64 * n)() if self.trace is not None else None
-            i = _LIB.luo_ioctl_batch(self._packed, n, start, self.addr, C.byref(self._err), C.byref(self._res), ns)
-            if ns is not None and self.trace is not None:
-                self.trace += [(self.ops[j].name, ns[j]) for j in range(start, min(i + 1, n)) if ns[j]]
+            if self.trace is not None:
+                return self._run_c_traced(start)
+            packed, n, addr, err, res, results = self._args
+            i = _LIB.luo_ioctl_batch(packed, n, start, addr, err, res, results, None)
             if i >= n:
                 return None
-            if self._err.value:
-                e = self._err.value
-                raise LuoError(e, f"{self.ops[i].name} failed: {os.strerror(e)}")
-            return i, self._res.value
+            return self._stopped(i)
         return self._run_py(start)
+
+    def _stopped(self, i: int) -> tuple[int, int]:
+        if self._err.value:
+            e = self._err.value
+            raise LuoError(e, f"{self.ops[i].name} failed: {os.strerror(e)}")
+        return i, self._res.value
+
+    def _run_c_traced(self, start: int) -> tuple[int, int] | None:
+        n = len(self.ops)
+        ns = (C.c_uint64 * n)()
+        packed, n, addr, err, res, results = self._args
+        i = _LIB.luo_ioctl_batch(packed, n, start, addr, err, res, results, ns)  # type: ignore[union-attr]
+        assert self.trace is not None
+        self.trace += [(self.ops[j].name, ns[j]) for j in range(start, min(i + 1, n)) if ns[j]]
+        return None if i >= n else self._stopped(i)
+
+    def _wanted(self, o: Op) -> bool:
+        if o.flags & OP_SKIP:
+            return False
+        v = self.view
+        if o.flags & OP_IF_NONZERO and not any(v[o.cond_a : o.cond_a + o.cond_len]):
+            return False
+        return not (o.flags & OP_IF_DIFFERENT
+                    and v[o.cond_a : o.cond_a + o.cond_len] == v[o.cond_b : o.cond_b + o.cond_len])
 
     def _run_py(self, start: int) -> tuple[int, int] | None:
         """The fallback: the same ops through fcntl.ioctl (which releases the GIL too)."""
-        ioctl, views, trace = fcntl.ioctl, self._views, self.trace
+        ioctl, views, trace, results = fcntl.ioctl, self._views, self.trace, self.results
         for i in range(start, len(self.ops)):
             o = self.ops[i]
-            if o.flags & OP_SKIP:
+            results[i] = NOT_RUN
+            if o.flags and not self._wanted(o):
                 continue
             t = time.perf_counter_ns() if trace is not None else 0
             try:
@@ -156,6 +203,7 @@ class IoctlBatch:
             except (OSError, ValueError) as ex:  # ValueError: a negative fd, which the kernel calls EBADF
                 e = (ex.errno if isinstance(ex, OSError) else errno.EBADF) or errno.EIO
                 raise LuoError(e, f"{o.name} failed: {os.strerror(e)}") from None
+            results[i] = r
             if trace is not None:
                 trace.append((o.name, time.perf_counter_ns() - t))
             if o.flags & OP_CHECK and r != o.expect:
