@@ -73,6 +73,7 @@ struct shared {
     uint64_t boot_id;
     uint64_t hb_ms;
     uint64_t stall_ms;
+    uint64_t stall_us;
     uint64_t integrity_mb;
     uint64_t integrity_pct;
     volatile uint32_t config_done;

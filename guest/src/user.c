@@ -12,12 +12,28 @@
 
 #define MiB (1024ULL * 1024)
 #define CHUNK_BYTES (256 * 1024ULL)       /* integrity work unit: well under a ms */
+#define FINE_CHUNK_BYTES (16 * 1024ULL)   /* the same with stall_us: a clock read every ~50 µs */
 #define MAX_FAIL_LINES_PER_PASS 16
 
 struct vcpu {
     uint32_t cpu;
-    uint64_t last_ns; /* previous clock read on this vCPU, 0 before the first */
+    uint64_t last_ns;  /* previous clock read on this vCPU, 0 before the first */
+    uint64_t slack_ns; /* a sleep of our own since that read: not a stall unless far longer */
 };
+
+/* The stall threshold: stall_us when given (a blackout of a few hundred µs is visible only to a
+ * vCPU that never sleeps, integrity_pct=100), else stall_ms; 0 turns the detector off. */
+static uint64_t stall_threshold_ns(void)
+{
+    return g.stall_us ? g.stall_us * 1000ULL : g.stall_ms * 1000000ULL;
+}
+
+/* Sleep until the next tick; the gap this leaves between two clock reads is not a stall. */
+static void nap(struct vcpu *v)
+{
+    v->slack_ns = 2 * TICK_NS;
+    sys_sleep_tick();
+}
 
 static uint64_t now_ns(struct vcpu *v)
 {
@@ -30,7 +46,7 @@ static uint64_t now_ns(struct vcpu *v)
             out_u64(v->cpu);
             out_char('\n');
             t = v->last_ns; /* keep this vCPU's clock monotonic */
-        } else if (g.stall_ms && t - v->last_ns > g.stall_ms * 1000000ULL) {
+        } else if (stall_threshold_ns() && t - v->last_ns > stall_threshold_ns() + v->slack_ns) {
             out_str("stall gap_ns=");
             out_u64(t - v->last_ns);
             out_str(" cpu=");
@@ -39,6 +55,7 @@ static uint64_t now_ns(struct vcpu *v)
         }
     }
     v->last_ns = t;
+    v->slack_ns = 0;
     return t;
 }
 
@@ -87,6 +104,8 @@ static void parse_cmdline(const char *s, size_t len)
             g.hb_ms = v;
         else if (key_is(w, k, "stall_ms"))
             g.stall_ms = v;
+        else if (key_is(w, k, "stall_us"))
+            g.stall_us = v;
         else if (key_is(w, k, "integrity_mb"))
             g.integrity_mb = v;
         else if (key_is(w, k, "integrity_pct") && v > 0 && v <= 100)
@@ -185,7 +204,9 @@ static void integrity_report(uint64_t addr, uint64_t expected, uint64_t got)
 /* One chunk: check the previous generation, write the next.  Prints a line after each full pass. */
 static void integrity_chunk(struct integrity *in)
 {
-    uint64_t n = CHUNK_BYTES / 8;
+    /* With stall_us the clock is read between chunks of 16 KiB (~50 µs), not 256 KiB (~0.9 ms),
+     * so that the detector sees gaps of a few hundred µs and not its own work. */
+    uint64_t n = (g.stall_us ? FINE_CHUNK_BYTES : CHUNK_BYTES) / 8;
     if (n > in->words - in->pos)
         n = in->words - in->pos;
     volatile uint64_t *p = in->base + in->pos;
@@ -225,7 +246,7 @@ static void integrity_chunk(struct integrity *in)
 static void integrity_work(struct integrity *in, struct vcpu *v)
 {
     if (!in->words) {
-        sys_sleep_tick();
+        nap(v);
         now_ns(v);
         return;
     }
@@ -237,7 +258,7 @@ static void integrity_work(struct integrity *in, struct vcpu *v)
         in->busy_since = t;
     uint64_t budget = TICK_NS * g.integrity_pct / (100 - g.integrity_pct);
     if (t - in->busy_since >= budget) {
-        sys_sleep_tick();
+        nap(v);
         in->busy_since = now_ns(v);
     }
 }
@@ -328,7 +349,7 @@ static void cpu0_main(struct vcpu *v)
         } else if (with_integrity) {
             integrity_work(&in, v);
         } else {
-            sys_sleep_tick();
+            nap(v);
         }
     }
 }
@@ -347,8 +368,9 @@ void user_main(uint64_t cpu)
         for (;;)
             integrity_work(&in, &v);
     }
-    for (;;) {
-        sys_sleep_tick();
+    for (;;) { /* the other vCPUs idle, or with integrity_pct=100 spin on the clock (a busy vCPU) */
+        if (g.integrity_pct < 100)
+            nap(&v);
         now_ns(&v);
     }
 }
