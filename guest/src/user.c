@@ -51,6 +51,8 @@ static uint64_t now_ns(struct vcpu *v)
             out_u64(t - v->last_ns);
             out_str(" cpu=");
             out_u64(v->cpu);
+            out_str(" at_ns="); /* the clock when the vCPU ran again: places the gap on a timeline */
+            out_u64(t);
             out_char('\n');
         }
     }

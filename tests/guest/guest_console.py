@@ -26,7 +26,7 @@ INTEGRITY_PASS_RE = re.compile(r"^integrity pass=(\d+) bytes=(\d+)$")
 INTEGRITY_FAIL_RE = re.compile(
     r"^integrity FAIL addr=0x([0-9a-f]+) expected=0x([0-9a-f]+) got=0x([0-9a-f]+)$"
 )
-STALL_RE = re.compile(r"^stall gap_ns=(\d+) cpu=(\d+)$")
+STALL_RE = re.compile(r"^stall gap_ns=(\d+) cpu=(\d+) at_ns=(\d+)$")
 FATAL = "luo-guest FATAL"
 
 Lines = list[str]
