@@ -147,6 +147,11 @@ def test_roundtrip_gives_identical_state(counter_elf: Path, runner: str) -> None
         rec = old.save()
         assert struct.unpack_from("<I", rec, 8)[0] == 2
         assert old._save_plan.batch.cext == (runner == "c")
+        probe = Vm.create("another name", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        try:
+            assert probe._restore_plan.matches(rec) is not None  # another name, same shape: prepared
+        finally:
+            probe.stop()
         new = restore_and_compare(old, rec, sink)
         assert new._restore_plan.batch.cext == (runner == "c")
         n, last = len(sink.lines), last_count(sink)
@@ -323,6 +328,7 @@ def test_real_guest_heartbeats_through_successive_restores(runner: str) -> None:
             cur.pause()
             rec = cur.save()
             before = snapshot(cur)
+            assert succ._restore_plan.matches(rec) is not None  # same name, same shape: prepared
             succ.restore(rec)
             assert_same(before, snapshot(succ))
             succ.start()

@@ -156,6 +156,7 @@ class RestorePlan:
         self._refused = {r.msrs_op: (i, r) for i, r in enumerate(self.vcpu_ops)}
         self._refused.update({r.deadline_op: (i, r) for i, r in enumerate(self.vcpu_ops)})
         self._expect: tuple[bytes, bytes, list[tuple[int, bytes]]] | None = None
+        self._own_head: tuple[bytes, int, int] = (b"", 0, 0)
 
     def expect_own_shape(self, save: SavePlan) -> None:
         """Prepare ``matches``: the header and vCPU heads ``save`` writes (this plan's layout)."""
@@ -167,6 +168,13 @@ class RestorePlan:
             off += length
         heads = [(o, v.state.v2_head()) for (o, _, _), v in zip(self.layout.vcpus, vm.vcpus, strict=True)]
         self._expect = (meta, b"".join(table), heads)
+        # the same with this VM's name (a successor mostly has its predecessor's): one compare for
+        # everything from the record version to the fixed components' table
+        name = vm.name.encode()
+        t = 16 + META2.size + len(name)
+        base = t + len(self._expect[1]) + COMP2.size * len(VARIABLE)
+        self._own_head = (struct.pack("<II", 2, base - 16) + meta + struct.pack("<H", len(name)) + name
+                          + self._expect[1], base, t + len(self._expect[1]))
 
     def matches(self, record: bytes) -> tuple[int, int] | None:
         """(first payload byte, offset of the variable components' entries) if ``record`` (a
@@ -174,18 +182,20 @@ class RestorePlan:
         if self._expect is None:
             return None
         meta, table, heads = self._expect
-        if record[16 : 16 + len(meta)] != meta:
-            return None
-        t = 16 + META2.size + int.from_bytes(record[16 + len(meta) : 16 + META2.size], "little")
-        base = 16 + int.from_bytes(record[12:16], "little")
-        if record[t : t + len(table)] != table or base != t + len(table) + COMP2.size * len(VARIABLE):
-            return None
+        own, base, var = self._own_head
+        if record[8 : 8 + len(own)] != own:  # not our name: compare around it
+            if record[16 : 16 + len(meta)] != meta:
+                return None
+            t = 16 + META2.size + int.from_bytes(record[16 + len(meta) : 16 + META2.size], "little")
+            base, var = 16 + int.from_bytes(record[12:16], "little"), t + len(table)
+            if record[t:var] != table or base != var + COMP2.size * len(VARIABLE):
+                return None
         if base + self.layout.span > len(record):
             return None
         for off, head in heads:
             if record[base + off : base + off + len(head)] != head:
                 return None
-        return base, t + len(table)
+        return base, var
 
     def restore(self, record: bytes, base: int) -> bool:
         """Load the record's fixed payloads into KVM; True if some vCPU's CPUID was set anew."""

@@ -30,6 +30,7 @@ class MmioConsole:
         self.sink = sink
         self._lines = [bytearray() for _ in range(ncpus)]
         self._lock = threading.Lock()
+        self._head = struct.Struct(f"<{ncpus + 1}I")  # version 2: count, then each line's length
 
     def read(self, offset: int, size: int, cpu: int) -> bytes:
         return b"\0" * size
@@ -42,19 +43,20 @@ class MmioConsole:
     def save(self) -> tuple[int, bytes]:
         with self._lock:
             lines = self._lines
-            return VERSION, b"".join([struct.pack(f"<{len(lines) + 1}I", len(lines), *map(len, lines)), *lines])
+            return VERSION, b"".join([self._head.pack(len(lines), *map(len, lines)), *lines])
 
     def save_v1(self) -> tuple[int, bytes]:
         with self._lock:
             return VERSION_V1, json.dumps([b.decode("latin-1") for b in self._lines]).encode()
 
     def restore(self, version: int, payload: bytes) -> None:
-        check_version("mmio-console", version, (VERSION, VERSION_V1))
-        if version == VERSION_V1:
+        if version != VERSION:
+            check_version("mmio-console", version, (VERSION, VERSION_V1))
             lines = [bytearray(s.encode("latin-1")) for s in json.loads(payload)]
         else:
             n = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else -1
-            lens = struct.unpack_from(f"<{n}I", payload, 4) if 0 <= n and 4 + 4 * n <= len(payload) else None
+            head = self._head if n == len(self._lines) else struct.Struct(f"<{n + 1}I")
+            lens = head.unpack_from(payload)[1:] if 0 <= n and 4 + 4 * n <= len(payload) else None
             if lens is None or 4 + 4 * n + sum(lens) != len(payload):
                 raise LuoError(errno.EINVAL, "the mmio-console state is truncated")
             off, lines = 4 + 4 * n, []

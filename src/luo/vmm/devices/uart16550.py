@@ -164,8 +164,8 @@ class Uart16550:
 
     def restore(self, version: int, payload: bytes) -> None:
         """The irqchip's own state carries the line level KVM saw; only our copy of it is set here."""
-        check_version("uart16550", version, (VERSION, VERSION_V1))
-        if version == VERSION_V1:
+        if version != VERSION:
+            check_version("uart16550", version, (VERSION, VERSION_V1))
             self._restore_v1(payload)
             return
         if len(payload) < _V2.size:
