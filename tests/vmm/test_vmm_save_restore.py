@@ -451,3 +451,33 @@ def test_record_cpuid_differing_from_the_successors_is_set(counter_elf: Path, ru
         old.stop()
         if new is not None:
             new.stop()
+
+
+def test_kvmclock_restored_on_a_kernel_that_wants_only_realtime(counter_elf: Path) -> None:
+    """Without passthrough (a kernel that refuses KVM_GET_CLOCK's other flags on SET) the clock is
+    set from a scratch struct with only KVM_CLOCK_REALTIME, as version 1 did; same result."""
+    sink = MemoryConsoleSink()
+    old = booted(counter_elf, sink)
+    new: Vm | None = None
+    try:
+        assert sink.wait_for(r"^count 0+1$", 10)
+        assert old.clock.passthrough  # this machine's kernel (6.x) takes them
+        old.pause()
+        rec = old.save()
+        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new.clock.passthrough = False
+        new._restore_plan = saveplan.RestorePlan(new, new._save_plan.layout)
+        new._restore_plan.expect_own_shape(new._save_plan)
+        b = new._restore_plan.batch
+        clock_op = b.ops[-1]
+        assert clock_op.name == "KVM_SET_CLOCK" and clock_op.off == new._restore_plan.clock_scratch
+        clock0, t0 = clock_ns(old), time.monotonic_ns()
+        new.restore(rec)
+        clock1, t1 = clock_ns(new), time.monotonic_ns()
+        assert 0 <= clock1 - clock0 <= (t1 - t0) + 50_000_000
+        flags = struct.unpack_from("<I", b.view, clock_op.off + 8)[0]
+        assert flags == K.KVM_CLOCK_REALTIME
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()

@@ -31,11 +31,15 @@ _FIELDS = struct.Struct("<QI4xQ")  # clock, flags, realtime: the head of kvm_clo
 class KvmClock:
     def __init__(self, vm_fd: int) -> None:
         self.vm_fd = vm_fd
-        # Whether KVM_SET_CLOCK takes KVM_GET_CLOCK's output as is. Probed on the fresh VM (its
-        # clock is set to what it reads: a step of a few µs before it ever ran).
+        # Whether KVM_SET_CLOCK takes KVM_GET_CLOCK's output as is, whatever flags it has (a fresh
+        # VM reports none: they come with the master clock). Probed on the fresh VM with every
+        # flag set and a realtime stamp in the future, which KVM never steps the clock for: its
+        # clock is set to what it just read, a few µs back, before it ever ran.
         d = S.KvmClockData()
         ioctl(vm_fd, K.KVM_GET_CLOCK, d, "KVM_GET_CLOCK")
-        self.passthrough = bool(d.flags & K.KVM_CLOCK_REALTIME) and ioctl_raw(vm_fd, K.KVM_SET_CLOCK, d)[0] == 0
+        d.flags = K.KVM_CLOCK_TSC_STABLE | K.KVM_CLOCK_REALTIME | K.KVM_CLOCK_HOST_TSC
+        d.realtime = (1 << 64) - 1
+        self.passthrough = ioctl_raw(vm_fd, K.KVM_SET_CLOCK, d)[0] == 0
 
     V2_SIZE = _DATA
     V2_RESTORE_SCRATCH = _DATA
