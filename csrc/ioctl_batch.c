@@ -1,15 +1,16 @@
 /*
  * luo VMM: run a prepared list of ioctls in one call (src/luo/vmm/kvm/batch.py loads this).
  *
- * Why C (bench/save_restore.py --profile, 1 GiB, 2 vCPUs, this machine, PVM): with save and
- * restore already prepared as batches, running the same ~50 ioctls from Python through
- * fcntl.ioctl costs 139 us (save) + 159 us (restore) of ioctl time per cycle, 5-15 us per vCPU
- * ioctl; from this loop 81 + 91 us, 2.3-4 us per vCPU ioctl (a tight C loop of one vCPU ioctl:
- * ~2.2 us; through ctypes one by one, the version-1 path: 6-9 us). The per-call cost is
- * user-space work between the syscalls, and it is paid cold: the blackout's code runs right
- * after the guest had both cores. So the whole save (or restore) is one foreign call, with the
- * GIL released throughout, and the few decisions a restore makes per op (skip a TSC deadline of
- * 0, a TSC offset or CPUID equal to the fresh vCPU's) are made here too, from bytes in the buffer.
+ * Why C (bench/save_restore.py --profile, 1 GiB, 2 vCPUs, this machine, PVM, 100 cycles): with
+ * save and restore already prepared as batches, running their ~50 ioctls from Python through
+ * fcntl.ioctl costs 162 us (save) + 153 us (restore) of ioctl time per cycle, 5-16 us per vCPU
+ * ioctl; from this loop 88 + 102 us, 2.4-4 us per vCPU ioctl but KVM_SET_MSRS/SET_SREGS (~12-15).
+ * Whole steps, medians: save 226 -> 158 us, restore 271 -> 183 us (the version-1 path: 609 and
+ * 763). A tight C loop of one vCPU ioctl takes ~2.2 us; the rest is user-space work between the
+ * syscalls, paid cold: the blackout's code runs right after the guest had both cores. So the whole
+ * save (or restore) is one foreign call, with the GIL released throughout, and the few decisions
+ * a restore makes per op (skip a TSC deadline of 0, a TSC offset or CPUID equal to the fresh
+ * vCPU's) are made here too, from bytes in the buffer.
  *
  * Nothing here knows KVM: an op is (fd, request, argument = base + off), optionally checked to
  * return an expected value (KVM_GET/SET_MSRS return how many MSRs they moved), optionally run

@@ -6,11 +6,14 @@ before this module): 191 µs of ioctls in a 503 µs save, 213 µs in a 610 µs r
 costs ~2.2-2.8 µs back to back from C, 6-9 µs one by one through ctypes, 3.3-5.7 µs through
 ``fcntl.ioctl``. So the whole sequence is prepared once, when the VM is created (outside the
 blackout): every struct at a fixed offset of one buffer, every op a (fd, request, offset)
-triple; a save or restore is then one call.
+triple, optionally checked (an expected return value) or conditional (run only if some bytes of
+the buffer are non-zero, or differ from others: decided when the batch runs); a save or restore
+is then one call.
 
 That call is ``luo_ioctl_batch`` from ``_ioctl_batch.so`` (csrc/ioctl_batch.c, built by
-scripts/setup.sh) when present and of the expected ABI, else the same list run with
-``fcntl.ioctl`` (the fallback; ``LUO_VMM_NO_CEXT=1`` forces it).
+scripts/setup.sh; why C: its comment) when present and of the expected ABI, else the same list
+run with ``fcntl.ioctl`` (the fallback; ``LUO_VMM_NO_CEXT=1`` forces it). Same run, medians:
+save 158 µs in C, 226 µs with the fallback; restore 183 and 271.
 """
 
 from __future__ import annotations
