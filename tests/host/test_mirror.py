@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from luo.abi import CRASH_RECORD_FORMAT_V1, CRASH_SNAPSHOT_FORMAT
 from luo.core.crash import HEADER
 from luo.core.orchestrator import Orchestrator
 from luo.core.session import SessionHandle
@@ -21,7 +22,7 @@ from luo.core.states import State
 from luo.errors import LuoError
 from luo.handlers import default_handlers
 from luo.host.handover import read_blob
-from luo.host.mirror import JOURNAL_BYTES, JOURNAL_MAX, META_FORMAT_V1, SNAPSHOT_FORMAT, Mirror, recover_host
+from luo.host.mirror import JOURNAL_BYTES, JOURNAL_MAX, Mirror, recover_host
 from luo.host.tree import tree_for
 
 
@@ -71,7 +72,7 @@ def units_in(store: MemoryStore) -> tuple[dict[tuple[Any, ...], dict[str, Any]],
     assert store.meta is not None
     doc = json.loads(store.meta)
     snap = json.loads(read_blob(store.fds[doc["base"]], doc["base_size"]))
-    assert snap["format"] == SNAPSHOT_FORMAT
+    assert snap["format"] == CRASH_SNAPSHOT_FORMAT
     units: dict[tuple[Any, ...], dict[str, Any]] = {}
     for entries in [snap["units"], *doc["journal"]]:
         for key, unit in entries:
@@ -325,7 +326,7 @@ def test_recovered_from_a_v1_record(store: MemoryStore) -> None:
     cr = orch.crash_record()
     keys = [f"k.{i}" for i in range(len(cr.outgoing_fds))]
     store.put_many(zip(keys, cr.outgoing_fds, strict=True))
-    meta = json.dumps({"format": META_FORMAT_V1, "state": "normal", "liveupdate_number": 4, "pid": 1,
+    meta = json.dumps({"format": CRASH_RECORD_FORMAT_V1, "state": "normal", "liveupdate_number": 4, "pid": 1,
                        "outgoing": base64.b64encode(tree_for(cr.outgoing)).decode(), "outgoing_keys": keys,
                        "incoming": None, "incoming_keys": []}).encode()
     _, fds = store.load()

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import libfdt
 import pytest
 
+from luo import abi
 from luo.core.handover import FileRecord, LuoRecord, MemoryRange
 from luo.errors import LuoError
-from luo.kho import TREE_COMPATIBLES, build_tree, check_compatibles, compat, required_compatibles
+from luo.kho import TREE_COMPATIBLES, build_tree, check_compatibles, required_compatibles
 
 Mutate = Callable[[bytes, Callable[[libfdt.Fdt], None]], bytes]
 
@@ -23,11 +24,11 @@ def test_required_compatibles(blob: bytes, sample: tuple[LuoRecord, list[MemoryR
 
 def test_tree_compatible_constants() -> None:
     assert {
-        compat.KHO_COMPATIBLE,
-        compat.LUO_COMPATIBLE,
-        compat.LUO_SESSION_COMPATIBLE,
-        compat.SUBSYSTEMS_COMPATIBLE,
-        compat.FILE_DESCRIPTORS_COMPATIBLE,
+        abi.KHO_COMPATIBLE,
+        abi.LUO_COMPATIBLE,
+        abi.LUO_SESSION_COMPATIBLE,
+        abi.SUBSYSTEMS_COMPATIBLE,
+        abi.FILE_DESCRIPTORS_COMPATIBLE,
     } == {"kho-v1", "luo-v1", "luo-session-v2", "subsystems-v1", "file-descriptors-v1"}
 
 

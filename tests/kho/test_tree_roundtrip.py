@@ -8,9 +8,10 @@ import struct
 import libfdt
 import pytest
 
+from luo import abi
 from luo.core.handover import FileRecord, LuoRecord, MemoryRange, SessionRecord
 from luo.errors import LuoError
-from luo.kho import build_tree, compat, parse_tree
+from luo.kho import build_tree, parse_tree
 from luo.kho.encoding import node_name_for
 
 
@@ -27,7 +28,7 @@ def test_roundtrip_empty() -> None:
 
 def test_layout_is_the_documented_one(blob: bytes) -> None:
     fdt = libfdt.FdtRo(blob)
-    assert fdt.getprop(0, "compatible").as_str() == compat.KHO_COMPATIBLE
+    assert fdt.getprop(0, "compatible").as_str() == abi.KHO_COMPATIBLE
     luo = fdt.path_offset("/LUO")
     assert fdt.getprop(luo, "compatible").as_str() == "luo-v1"
     # u64 properties are 8 little-endian bytes, u32 are 4.

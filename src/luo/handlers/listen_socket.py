@@ -19,11 +19,11 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from luo.abi import SOCKET_LISTEN_COMPATIBLE
 from luo.core.participants import FileHandler, IncomingFile, PreservedFile
 from luo.errors import LuoError
 from luo.handlers.inode import inode_of
 
-SOCKET_LISTEN_COMPATIBLE = "socket-listen-v1"
 FAMILIES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
 _TYPES = {socket.SOCK_STREAM: "SOCK_STREAM", socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}
 

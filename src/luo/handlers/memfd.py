@@ -32,11 +32,11 @@ import fcntl
 import os
 import stat
 
+from luo.abi import MEMFD_COMPATIBLE
 from luo.core.participants import FileHandler, IncomingFile, PreservedFile
 from luo.errors import LuoError
 from luo.handlers.inode import inode_of
 
-MEMFD_COMPATIBLE = "memfd-v1"
 _LINK_PREFIX = "/memfd:"
 _LINK_SUFFIX = " (deleted)"
 _SEAL_NAMES = (

@@ -15,12 +15,7 @@ from dataclasses import dataclass
 from luo.errors import LuoError
 from luo.host.wire import SCM_MAX_FD, recv_msg, send_msg
 
-# The host-to-host message protocol (not the tree: that is versioned by its compatibles).
-# 1: one-stage handover (the tree and fds at freeze).
-# 2: two-stage: the tree, fds and listener at prepare, the final tree at freeze.
-# 3: as 2, and the final tree may be "unchanged" (the prepared one stands).
-HANDOVER_PROTOCOL = 3
-OLDEST_SUPPORTED = 2
+# The host-to-host message protocol (HANDOVER_PROTOCOL) is versioned in luo.abi, with its rule.
 MAX_TREE = 64 << 20  # a tree claiming more is refused before it is read
 MAX_FDS = 1 << 20
 

@@ -8,7 +8,7 @@ metadata is replaced in one step), so recovery never sees half of a change.
 What the metadata describes is the crash record of ``luo.core.crash``, as *units* (one per
 file, one per session, a header). Rewriting the whole record for every change cost O(n) per
 request, O(n^2) for n sessions made one by one (2000 sessions took minutes: the profile was all
-KHO tree building), so the store holds it as a journal (``luo-crash-record-v2``):
+KHO tree building), so the store holds it as a journal (``luo.abi.CRASH_RECORD_FORMAT``):
 
 - a *snapshot*: every unit, JSON in a sealed memfd stored under a key of its own;
 - the metadata: the snapshot's key and the changes since (``journal``: one entry per write, each
@@ -43,6 +43,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from luo.abi import CRASH_RECORD_FORMAT, CRASH_RECORD_FORMATS_READ, CRASH_SNAPSHOT_FORMAT
 from luo.core.crash import HEADER, CrashRecord, Unit, UnitKey, records_from_units, recover
 from luo.core.orchestrator import Orchestrator
 from luo.core.participants import FileHandler, Subsystem
@@ -56,9 +57,6 @@ from luo.kho.validate import validate
 
 log = logging.getLogger("luod")
 
-META_FORMAT = "luo-crash-record-v2"
-META_FORMAT_V1 = "luo-crash-record-v1"  # a whole crash record (two KHO trees) per write: still read
-SNAPSHOT_FORMAT = "luo-crash-units-v1"
 JOURNAL_MAX = 128  # journal entries in the metadata before the next write stores a snapshot
 JOURNAL_BYTES = 256 << 10  # ... or this many bytes of them
 
@@ -194,7 +192,7 @@ class Mirror:
         if snapshot:
             units = dict(self.units)
             _apply(units, changes)
-            blob = json.dumps({"format": SNAPSHOT_FORMAT, "units": [[list(k), u] for k, u in units.items()]},
+            blob = json.dumps({"format": CRASH_SNAPSHOT_FORMAT, "units": [[list(k), u] for k, u in units.items()]},
                               separators=(",", ":")).encode()
             self.snapshots += 1
             base, base_size, journal = f"{self.nonce}.snap{self.snapshots}", len(blob), []
@@ -202,7 +200,7 @@ class Mirror:
             puts.append((base, snap_fd))
         header = orch.crash_units([HEADER])[HEADER] or {}
         root = json.dumps({
-            "format": META_FORMAT,
+            "format": CRASH_RECORD_FORMAT,
             "state": header.get("state"),
             "liveupdate_number": header.get("number"),
             "time": time.time(),
@@ -273,8 +271,8 @@ def _units_v2(doc: dict[str, Any], fds: dict[str, int]) -> dict[UnitKey, Unit]:
     finally:
         os.close(fd)
     snap = json.loads(blob)
-    if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
-        raise LuoError(errno.EPROTO, f"fd store snapshot is not {SNAPSHOT_FORMAT}")
+    if not isinstance(snap, dict) or snap.get("format") != CRASH_SNAPSHOT_FORMAT:
+        raise LuoError(errno.EPROTO, f"fd store snapshot is not {CRASH_SNAPSHOT_FORMAT}")
     units: dict[UnitKey, Unit] = {}
     _apply(units, ((tuple(k), u) for k, u in snap["units"]))
     for entry in doc["journal"]:
@@ -327,9 +325,11 @@ def recover_host(meta: bytes, fds: dict[str, int], handlers: Sequence[FileHandle
     taken: list[int] = []
     try:
         doc = json.loads(meta)
-        if not isinstance(doc, dict) or doc.get("format") not in (META_FORMAT, META_FORMAT_V1):
-            raise LuoError(errno.EPROTO, f"fd store metadata is not {META_FORMAT} (nor {META_FORMAT_V1})")
-        if doc["format"] == META_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in CRASH_RECORD_FORMATS_READ:
+            got = doc.get("format") if isinstance(doc, dict) else None
+            raise LuoError(errno.EPROTO, f"fd store metadata is format {str(got)[:40]!r}; this luod reads "
+                           f"{', '.join(CRASH_RECORD_FORMATS_READ)} (luo.abi)")
+        if doc["format"] == CRASH_RECORD_FORMAT:
             cr = _record_v2(doc, fds, taken)
         else:
             cr = _record_v1(doc, fds, taken)

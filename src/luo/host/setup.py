@@ -6,9 +6,9 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from luo.abi import TREE_COMPATIBLES
 from luo.core.participants import FileHandler, Subsystem
 from luo.host.runtime import RuntimeDir
-from luo.kho import TREE_COMPATIBLES
 
 if TYPE_CHECKING:
     from luo.core.orchestrator import Orchestrator

@@ -18,12 +18,13 @@ import socket
 import time
 from typing import Any
 
+from luo.abi import HANDOVER_PROTOCOL, UPDATE_RECORD_FORMAT
 from luo.core.handover import LuoRecord
 from luo.core.orchestrator import Orchestrator
 from luo.errors import LuoError
 from luo.host import faults
 from luo.host.daemon import Host
-from luo.host.handover import HANDOVER_PROTOCOL, MAX_TREE, read_blob, recv_handover
+from luo.host.handover import MAX_TREE, read_blob, recv_handover
 from luo.host.mirror import Mirror
 from luo.host.procname import favour_this_thread, leave_background, set_process_name
 from luo.host.runtime import RuntimeDir, write_atomic
@@ -335,7 +336,7 @@ def _serve(inc: Incoming, orch: Orchestrator, last_update: dict[str, Any]) -> in
     host = inc.host
     assert host is not None
     set_process_name("luod")
-    host.last_update = last_update
+    host.last_update = {"format": UPDATE_RECORD_FORMAT, **last_update}  # read by later versions: luo.abi
     host.after_start.append(gc.enable)
     host.after_start.append(lambda: write_atomic(
         inc.runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n"))

@@ -10,9 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from luo.abi import HANDOVER_OLDEST, HANDOVER_PROTOCOL, HANDOVER_UNANNOUNCED
 from luo.errors import LuoError
 from luo.host import faults
-from luo.host.handover import HANDOVER_PROTOCOL, OLDEST_SUPPORTED, send_final_tree, send_handover
+from luo.host.handover import send_final_tree, send_handover
 from luo.host.procname import start_in_background
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import recv_msg, send_msg
@@ -55,14 +56,14 @@ class SuccessorLink:
     @property
     def protocol(self) -> int:
         """The successor's handover protocol; versions before it was announced spoke 2."""
-        return int(self.hello.get("protocol", 2))
+        return int(self.hello.get("protocol", HANDOVER_UNANNOUNCED))
 
     def check_protocol(self) -> None:
         """Refuse, before anything is prepared, a successor whose messages this host cannot speak."""
-        if self.protocol < OLDEST_SUPPORTED:
+        if self.protocol < HANDOVER_OLDEST:
             raise LuoError(errno.EPROTONOSUPPORT,
                            f"successor pid {self.pid} speaks handover protocol {self.protocol}; "
-                           f"this host speaks {OLDEST_SUPPORTED} to {HANDOVER_PROTOCOL}")
+                           f"this host speaks {HANDOVER_OLDEST} to {HANDOVER_PROTOCOL}")
 
     @property
     def takes_unchanged(self) -> bool:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from luo.abi import MEMFD_COMPATIBLE
 from luo.core.handover import LuoRecord, MemoryRange
 from luo.kho import build_tree
 
 if TYPE_CHECKING:
     from luo.host.daemon import Host
-
-MEMFD_COMPATIBLE = "memfd-v1"
 
 
 def memory_map(record: LuoRecord) -> list[MemoryRange]:

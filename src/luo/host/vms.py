@@ -2,7 +2,10 @@
 ``vmm`` subsystem that carries them through prepare, freeze, cancel and the handover.
 
 A VMM registers on a control connection of its own; the host then sends it requests on that
-connection (prepare, freeze, cancel, handed_over) and it answers each with ``reply: true``. The
+connection (prepare, freeze, cancel, handed_over) and it answers each with ``reply: true``. A VMM
+may be another installation than its host (it outlives the host that started it): registration
+negotiates the VMM-host protocol (``luo.abi.VMM_HOST_PROTOCOL``) and refuses a VMM that speaks
+none this host does. The
 host spawns each VMM's successor from the *new* version at prepare, so whatever the successor
 can build before the pause (imports, VM, memslots, vCPUs) is built while the guest runs.
 """
@@ -20,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from luo import abi
+from luo.abi import VM_SESSION_PREFIX
 from luo.core.participants import Subsystem
 from luo.errors import LuoError
 from luo.host import faults, fields
@@ -34,11 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("luod")
 
 VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
-SESSION_PREFIX = "vm:"
 
 
 def session_name(vm: str) -> str:
-    return SESSION_PREFIX + vm
+    return VM_SESSION_PREFIX + vm
 
 
 @dataclass
@@ -51,6 +55,7 @@ class VmEntry:
     successor: subprocess.Popen[bytes] | None = None
     report: dict[str, Any] | None = None  # blackout accounting sent by a successor VMM
     state: str = "starting"
+    protocol: int = abi.UNVERSIONED  # the VMM-host protocol negotiated at registration
 
 
 class VmSupervisor:
@@ -65,15 +70,16 @@ class VmSupervisor:
         # to its successor VMM when told the host handed over (docs/design.md), so that the host's
         # freeze and handover are outside every VM's blackout. A plain `luo freeze` pauses them.
         self.switch_after_handover = False
-        incoming = [s for s in _incoming_session_names(host) if s.startswith(SESSION_PREFIX)]
-        self.expected = {s[len(SESSION_PREFIX):] for s in incoming}
+        incoming = [s for s in _incoming_session_names(host) if s.startswith(VM_SESSION_PREFIX)]
+        self.expected = {s[len(VM_SESSION_PREFIX):] for s in incoming}
 
     # -- status & ops ------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"vms": [self.describe(v) for v in self.vms.values()]}
 
     def describe(self, v: VmEntry) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": v.name, "pid": v.pid, "state": v.state, "session": session_name(v.name)}
+        d: dict[str, Any] = {"name": v.name, "pid": v.pid, "state": v.state, "session": session_name(v.name),
+                             "protocol": v.protocol}
         guest = read_guest_state(self.runtime.vm_dir(v.name))
         if guest is not None:
             d["guest"] = guest
@@ -96,6 +102,8 @@ class VmSupervisor:
         fields.integer(msg, "pid", 1, fields.PID_MAX, None)
         info = fields.mapping(msg, "info", 16 << 10, {})
         report = fields.mapping(msg, "report", 64 << 10, None)
+        protocol = abi.negotiate("VMM-host protocol", (abi.VMM_HOST_PROTOCOL, abi.VMM_HOST_OLDEST),
+                                 abi.announced(msg), f"the VMM pid {c.peer.pid} of VM {name!r}", "this host")
         old = self.vms.get(name)
         if old is not None and old.conn is not None and old.conn is not c:
             raise LuoError(errno.EEXIST, f"VM {name!r} is already registered by pid {old.pid}")
@@ -106,12 +114,13 @@ class VmSupervisor:
             v.successor = None  # the successor VMM took the guest over: it is the VM's VMM now
         v.info = info
         v.report = report
+        v.protocol = protocol
         v.state = "running"
         self.vms[name] = v
         c.extra["participant"] = True
         c.on_close = lambda: self._gone(v, c)
-        log.info("vm %s registered by VMM pid %d", name, v.pid)
-        return ok(), []
+        log.info("vm %s registered by VMM pid %d (VMM-host protocol %d)", name, v.pid, protocol)
+        return ok(**abi.announce(abi.VMM_HOST_PROTOCOL, abi.VMM_HOST_OLDEST)), []
 
     def _gone(self, v: VmEntry, c: Conn) -> None:
         if v.conn is c:
@@ -327,7 +336,7 @@ class VmmSubsystem(Subsystem):
     because LUO does not cancel the participant that failed.
     """
 
-    name = "vmm"
+    name = abi.VMM_SUBSYSTEM
 
     def __init__(self, sup: VmSupervisor) -> None:
         self.sup = sup
@@ -356,17 +365,21 @@ class VmmSubsystem(Subsystem):
         return len(vms)
 
     def freeze(self, data: int) -> int:
-        if self.sup.switch_after_handover:  # the update: VMs run on, each switches after the handover
-            self.frozen = list(self.prepared)
-            return len(self.frozen)
-        try:
-            answers = self.sup._ask(self.prepared, {"op": "freeze"}, faults.participant_timeout(10.0))
-        except LuoError as e:
-            self._cancel(self.prepared)
-            self.sup.kill_successors()
-            raise LuoError(e.errno, f"freezing VMs failed: {e.message}") from None
-        for n, a in answers.items():
-            self.timings.setdefault(n, {}).update(a)
+        """Pause and save every VM; in an update (``switch_after_handover``) only the VMMs that may
+        not pause by themselves on ``handed_over`` (VMM-host protocol 1, luo.abi): the others run
+        on, each switching after the host's handover."""
+        vms = self.prepared
+        if self.sup.switch_after_handover:
+            vms = [v for v in vms if v.protocol < abi.VMM_HOST_SWITCHES_AFTER_HANDOVER]
+        if vms:
+            try:
+                answers = self.sup._ask(vms, {"op": "freeze"}, faults.participant_timeout(10.0))
+            except LuoError as e:
+                self._cancel(self.prepared)
+                self.sup.kill_successors()
+                raise LuoError(e.errno, f"freezing VMs failed: {e.message}") from None
+            for n, a in answers.items():
+                self.timings.setdefault(n, {}).update(a)
         self.frozen = list(self.prepared)
         return len(self.frozen)
 

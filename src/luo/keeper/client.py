@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from luo.abi import KEEPER_PROTOCOL
 from luo.errors import LuoError
 from luo.host.handover import blob_memfd, read_blob
 from luo.host.wire import close_fds, raise_for, send_msg
-from luo.keeper.proto import LOG_NAME, MAX_SOCKET_PATH, PROTOCOL, SOCKET_NAME, recv
+from luo.keeper.proto import LOG_NAME, MAX_SOCKET_PATH, SOCKET_NAME, recv
 from luo.keeper.store import BATCH, MAX_META, validate_key
 
 # What the keeper must not inherit from luod's environment: it talks to no service manager, and
@@ -144,9 +145,9 @@ class KeeperStore:
             for fd in fds:
                 os.close(fd)
             raise_for(reply)
-            if reply.get("protocol") != PROTOCOL:
+            if reply.get("protocol") != KEEPER_PROTOCOL:  # exact match: the rule is in luo.abi
                 raise LuoError(errno.EPROTO, f"the fd keeper speaks protocol {reply.get('protocol')}, "
-                               f"this luo {PROTOCOL}")
+                               f"this luo {KEEPER_PROTOCOL}")
         except BaseException:
             sock.close()
             raise

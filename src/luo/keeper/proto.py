@@ -1,5 +1,5 @@
-"""What the keeper and its clients share: names in the runtime dir, the protocol version, and a
-receive bounded to the keeper's message size.
+"""What the keeper and its clients share: names in the runtime dir and a receive bounded to the
+keeper's message size. The protocol version is ``luo.abi.KEEPER_PROTOCOL``, with its rule.
 
 Every keeper message is small by construction: a batch is at most 253 keys of at most 200
 characters (about 52 KB of JSON), error sentences are bounded by luo.host.wire. Receiving into a
@@ -16,7 +16,6 @@ from typing import Any
 
 from luo.host.wire import recv_msg
 
-PROTOCOL = 1
 SOCKET_NAME = "keeper"
 LOCK_NAME = "keeper.lock"
 LOG_NAME = "keeper.log"

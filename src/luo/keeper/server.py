@@ -55,9 +55,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from luo.abi import KEEPER_PROTOCOL
 from luo.errors import LuoError
 from luo.host.wire import close_fds, error_reply, send_msg
-from luo.keeper.proto import LOCK_NAME, MAX_SOCKET_PATH, PROTOCOL, SOCKET_NAME, recv
+from luo.keeper.proto import LOCK_NAME, MAX_SOCKET_PATH, SOCKET_NAME, recv
 from luo.keeper.store import BATCH, MAX_META, validate_key
 
 log = logging.getLogger("luo-keeper")
@@ -242,7 +243,7 @@ class Keeper:
             return [self.meta(msg, fds)]
         if op == "ping":
             self.no_fds("ping", fds)
-            return [({"errno": 0, "pid": os.getpid(), "instance": self.instance, "protocol": PROTOCOL,
+            return [({"errno": 0, "pid": os.getpid(), "instance": self.instance, "protocol": KEEPER_PROTOCOL,
                       "count": len(self.fds), "meta_size": self.meta_size if self.meta_fd is not None else None},
                      [])]
         raise LuoError(errno.ENOTTY, f"unknown operation {str(op)[:40]!r}")

@@ -36,11 +36,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from luo.abi import STORE_META_NAME
 from luo.errors import LuoError
 
 KEY_RE = re.compile(r"[A-Za-z0-9._/@+=-]{1,200}")
 MAX_KEY = 200
-META_NAME = "luo-meta"
 MAX_META = 64 << 20  # "a few MiB" with a wide margin; a bigger claim is refused, never allocated
 BATCH = 253  # SCM_MAX_FD: the kernel's limit of fds per SCM_RIGHTS message
 
@@ -52,7 +52,7 @@ def validate_key(key: object) -> str:
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise LuoError(errno.EINVAL, f"fd store key {shown}: must be 1 to {MAX_KEY} characters of "
                        "A-Z a-z 0-9 . _ / @ + = -")
-    if key == META_NAME:
+    if key == STORE_META_NAME:
         raise LuoError(errno.EINVAL, f"fd store key {key!r} is reserved for the metadata")
     return key
 

@@ -32,9 +32,10 @@ import socket
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+from luo.abi import STORE_META_NAME
 from luo.errors import LuoError
 from luo.host.handover import blob_memfd, read_blob
-from luo.keeper.store import MAX_META, META_NAME, validate_key
+from luo.keeper.store import MAX_META, validate_key
 
 log = logging.getLogger("luod")
 
@@ -122,9 +123,9 @@ class SystemdStore:
     def set_meta(self, meta: bytes) -> None:
         if len(meta) > MAX_META:
             raise LuoError(errno.EFBIG, f"fd store metadata of {len(meta)} bytes; at most {MAX_META}")
-        fd = blob_memfd(bytes(meta), META_NAME)
+        fd = blob_memfd(bytes(meta), STORE_META_NAME)
         try:
-            self._store(META_NAME, fd)
+            self._store(STORE_META_NAME, fd)
         finally:
             os.close(fd)
 
@@ -144,12 +145,12 @@ class SystemdStore:
             except OSError:
                 log.warning("systemd passed fd %d (%s), but it is not open", fd, name)
                 continue
-            if name == META_NAME and meta is None:
+            if name == STORE_META_NAME and meta is None:
                 try:
                     meta = read_blob(fd, os.fstat(fd).st_size)
                 finally:
                     os.close(fd)
-            elif name != META_NAME and name not in out:
+            elif name != STORE_META_NAME and name not in out:
                 out[name] = fd
             else:  # a second fd under one name: systemd still holds it; the next put or drop removes it
                 log.warning("systemd passed a second fd named %r; closing it", name)

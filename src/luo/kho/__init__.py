@@ -5,8 +5,8 @@
 ``to_dts`` prints one as dts without dtc. See docs/kho.md for the layout.
 """
 
+from luo.abi import TREE_COMPATIBLES
 from luo.kho.builder import build_tree
-from luo.kho.compat import TREE_COMPATIBLES
 from luo.kho.dts import to_dts
 from luo.kho.parser import check_compatibles, parse_tree, required_compatibles
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import libfdt
 
+from luo import abi
 from luo.core.handover import FileRecord, LuoRecord, MemoryRange, SessionRecord
 from luo.kho import compat
 from luo.kho.encoding import node_name_for, pack_str, pack_u32, pack_u64
@@ -80,20 +81,20 @@ def _write_session(w: _Writer, s: SessionRecord) -> None:
 
 def _write_luo(w: _Writer, luo: LuoRecord) -> None:
     w.begin(compat.LUO_NODE)
-    w.string("compatible", compat.LUO_COMPATIBLE)
+    w.string("compatible", abi.LUO_COMPATIBLE)
     w.u64("liveupdate-number", luo.liveupdate_number)
     w.begin(compat.SUBSYSTEMS_NODE)
-    w.string("compatible", compat.SUBSYSTEMS_COMPATIBLE)
+    w.string("compatible", abi.SUBSYSTEMS_COMPATIBLE)
     for name, data in luo.subsystems.items():
         w.u64(name, data)
     w.end()
     w.begin(compat.FILE_DESCRIPTORS_NODE)
-    w.string("compatible", compat.FILE_DESCRIPTORS_COMPATIBLE)
+    w.string("compatible", abi.FILE_DESCRIPTORS_COMPATIBLE)
     for f in luo.files:
         _write_file(w, f)
     w.end()
     w.begin(compat.SESSIONS_NODE)
-    w.string("compatible", compat.LUO_SESSION_COMPATIBLE)
+    w.string("compatible", abi.LUO_SESSION_COMPATIBLE)
     for s in luo.sessions:
         _write_session(w, s)
     w.end()
@@ -102,7 +103,7 @@ def _write_luo(w: _Writer, luo: LuoRecord) -> None:
 
 def _write_memory(w: _Writer, memory: Sequence[MemoryRange]) -> None:
     w.begin(compat.MEMORY_MAP_NODE)
-    w.string("compatible", compat.KHO_MEMORY_MAP_COMPATIBLE)
+    w.string("compatible", abi.KHO_MEMORY_MAP_COMPATIBLE)
     for m in memory:
         w.begin(f"mem@{m.fd_index}")
         w.u32("fd-index", m.fd_index)
@@ -122,7 +123,7 @@ def build_tree(luo: LuoRecord, memory: Sequence[MemoryRange] = ()) -> bytes:
     nodes = 8 + len(files) + len(luo.sessions) + len(memory)
     w = _Writer(size_hint=2048 + 160 * nodes + 64 * sum(len(f.meta) for f in files))
     w.begin("")
-    w.string("compatible", compat.KHO_COMPATIBLE)
+    w.string("compatible", abi.KHO_COMPATIBLE)
     _write_memory(w, memory)
     _write_luo(w, luo)
     w.end()

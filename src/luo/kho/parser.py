@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 
+from luo import abi
 from luo.core.handover import FileRecord, LuoRecord, MemoryRange, SessionRecord
 from luo.errors import LuoError
 from luo.kho import compat
@@ -119,7 +120,7 @@ def _parse_session(reader: FdtReader, node: Node) -> SessionRecord:
 
 def _parse_luo(reader: FdtReader, node: Node) -> LuoRecord:
     p = _Props(reader, node)
-    p.expect_compatible(compat.LUO_COMPATIBLE)
+    p.expect_compatible(abi.LUO_COMPATIBLE)
     number = p.u64("liveupdate-number")
     p.only({"compatible", "liveupdate-number"})
     kids = _expect_only_children(
@@ -128,20 +129,20 @@ def _parse_luo(reader: FdtReader, node: Node) -> LuoRecord:
 
     subs_node = kids[compat.SUBSYSTEMS_NODE]
     sp = _Props(reader, subs_node)
-    sp.expect_compatible(compat.SUBSYSTEMS_COMPATIBLE)
+    sp.expect_compatible(abi.SUBSYSTEMS_COMPATIBLE)
     subsystems = {k: sp.u64(k) for k in sp.raw if k != "compatible"}
     if reader.children(subs_node):
         raise bad(f"node {subs_node.path} must have no children.")
 
     fd_node = kids[compat.FILE_DESCRIPTORS_NODE]
     fp = _Props(reader, fd_node)
-    fp.expect_compatible(compat.FILE_DESCRIPTORS_COMPATIBLE)
+    fp.expect_compatible(abi.FILE_DESCRIPTORS_COMPATIBLE)
     fp.only({"compatible"})
     files = _parse_files(reader, fd_node)
 
     sess_node = kids[compat.SESSIONS_NODE]
     ssp = _Props(reader, sess_node)
-    ssp.expect_compatible(compat.LUO_SESSION_COMPATIBLE)
+    ssp.expect_compatible(abi.LUO_SESSION_COMPATIBLE)
     ssp.only({"compatible"})
     sessions = tuple(_parse_session(reader, c) for c in reader.children(sess_node))
     return LuoRecord(liveupdate_number=number, subsystems=subsystems, files=files, sessions=sessions)
@@ -149,7 +150,7 @@ def _parse_luo(reader: FdtReader, node: Node) -> LuoRecord:
 
 def _parse_memory(reader: FdtReader, node: Node) -> list[MemoryRange]:
     mp = _Props(reader, node)
-    mp.expect_compatible(compat.KHO_MEMORY_MAP_COMPATIBLE)
+    mp.expect_compatible(abi.KHO_MEMORY_MAP_COMPATIBLE)
     mp.only({"compatible"})
     out: list[MemoryRange] = []
     for c in reader.children(node):
@@ -175,7 +176,7 @@ def parse_tree(
     try:
         reader = FdtReader(blob)
         root = reader.root
-        _Props(reader, root).expect_compatible(compat.KHO_COMPATIBLE)
+        _Props(reader, root).expect_compatible(abi.KHO_COMPATIBLE)
         memory = _parse_memory(reader, reader.child(root, compat.MEMORY_MAP_NODE))
         luo = _parse_luo(reader, reader.child(root, compat.LUO_NODE))
         validate(luo, memory, fd_count)
@@ -212,9 +213,9 @@ def required_compatibles(blob: bytes | bytearray | memoryview) -> set[str]:
 def check_compatibles(blob: bytes | bytearray | memoryview, handler_compatibles: Iterable[str]) -> None:
     """Refuse, with LuoError(EPROTO), a tree using a format this successor does not know.
 
-    Known: the tree's own compatibles (``compat.TREE_COMPATIBLES``) plus ``handler_compatibles``.
+    Known: the tree's own compatibles (``abi.TREE_COMPATIBLES``) plus ``handler_compatibles``.
     """
-    missing = required_compatibles(blob) - compat.TREE_COMPATIBLES - set(handler_compatibles)
+    missing = required_compatibles(blob) - abi.TREE_COMPATIBLES - set(handler_compatibles)
     if missing:
         raise LuoError(
             errno.EPROTO,

@@ -9,7 +9,8 @@ processes can be drawn on one axis. The record (``<runtime>/updates/NNNNNN.json`
 A record from disk is hostile input: anyone who can write the runtime dir can put anything there,
 and a version of luo we never met may have written it. Every field this module uses is checked
 before use and a bad one is refused with one ``LuoError(EINVAL)`` naming the field, never a
-traceback. Fields it does not use are ignored, so newer records still show.
+traceback. Fields it does not use are ignored, so newer records still show, unless their
+``format`` (``luo.abi.UPDATE_RECORD_FORMAT``) says the fields used here changed meaning.
 
 Records written before the timeline existed only have per-phase durations (host ``phases_ms``,
 each VM's ``parts_ms``). Those are laid end to end (``measured`` is False) and every view says
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from luo.abi import UPDATE_RECORD_FORMAT
 from luo.errors import LuoError
 
 MAX_RECORD_BYTES = 16 << 20  # a record with a few VMs is a few KiB; anything this large is not one
@@ -245,6 +247,11 @@ def _ms_map(v: Any, source: str, what: str) -> dict[str, float]:
 def check_record(rec: Any, source: str = "update record") -> None:
     """Refuse (EINVAL, naming the field) a record whose fields used here are malformed."""
     rec = _dict(rec, source, "the record")
+    if "format" in rec:  # none: written before it was added (1 or 2, told apart by the timeline)
+        fmt = _int(rec["format"], source, "format", 1, 1 << 31)
+        if fmt > UPDATE_RECORD_FORMAT:
+            raise _bad(source, "format", f"{fmt} is newer than this luo reads (up to {UPDATE_RECORD_FORMAT}): "
+                       "read it with the luo that wrote it")
     if "liveupdate_number" in rec or "failed" not in rec:  # a failed update may have no number
         _int(rec.get("liveupdate_number"), source, "liveupdate_number")
     if "failed" in rec:

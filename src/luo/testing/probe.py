@@ -14,6 +14,7 @@ import errno
 import os
 from pathlib import Path
 
+from luo.abi import PROBE_MEMFD_COMPATIBLE
 from luo.core.participants import FileHandler, IncomingFile, PreservedFile, Subsystem
 from luo.errors import LuoError
 from luo.handlers.memfd import MemfdHandler, memfd_name
@@ -70,7 +71,7 @@ class ProbeMemfdHandler(MemfdHandler):
     """memfd-v1's behaviour under its own compatible, for memfds named ``luo-probe*``, with a fault
     point (``fault=handler:<event>:<kind>``) at each event: the file handler of the fault matrix."""
 
-    compatible = "probe-memfd-v1"
+    compatible = PROBE_MEMFD_COMPATIBLE
 
     def can_preserve(self, fd: int) -> bool:
         return super().can_preserve(fd) and memfd_name(fd).startswith(PROBE_MEMFD_PREFIX)

@@ -6,6 +6,10 @@ VMM, stopped. The host only reads it and checks that the named VMM is still aliv
 list`` and ``luo status`` tell an operator the truth even while no host runs, and never say
 "running" for a paused guest or for a guest whose VMM died. Only the owner of the guest writes:
 the old VMM until it sends ``go`` (or falls back), the successor VMM from its resume on.
+
+The writer and the reader may be different installations (a host reads what any VMM wrote), so
+the record carries ``format`` (``luo.abi.GUEST_STATE_FORMAT``, with its rule); one of a format
+this version does not know is ignored like an unreadable one, never misread.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from luo.abi import GUEST_STATE_FORMAT
 from luo.host.runtime import RuntimeDir, write_atomic
 
 FILE = "guest.json"
@@ -34,7 +39,7 @@ def alive(pid: int) -> bool:
 def write_guest_state(runtime: RuntimeDir, name: str, state: str, why: str = "") -> None:
     if state not in STATES:
         raise ValueError(f"guest state {state!r}")
-    rec = {"state": state, "since": time.time(), "vmm_pid": os.getpid(), "why": why}
+    rec = {"format": GUEST_STATE_FORMAT, "state": state, "since": time.time(), "vmm_pid": os.getpid(), "why": why}
     try:
         write_atomic(runtime.vm_dir(name) / FILE, json.dumps(rec) + "\n")
     except OSError:
@@ -45,8 +50,10 @@ def read_guest_state(vm_dir: Path) -> dict[str, Any] | None:
     """The last record, checked: a VMM that is gone cannot run (or hold paused) a guest."""
     try:
         rec = json.loads((vm_dir / FILE).read_text())
+        if rec.get("format", 1) != GUEST_STATE_FORMAT:  # no format: written before it was added, 1
+            return None
         state, since, pid = str(rec["state"]), float(rec["since"]), int(rec["vmm_pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     out: dict[str, Any] = {"state": state, "since": since, "for_s": round(max(0.0, time.time() - since), 3),
                            "vmm_pid": pid}

@@ -1,4 +1,9 @@
-"""The VMM's side of the host: libluo session + a registration connection for host requests."""
+"""The VMM's side of the host: libluo session + a registration connection for host requests.
+
+The VMM and the host may be different installations (a VMM outlives the host that started it), so
+the registration carries the VMM-host protocol both ways and each side checks the other's
+(``luo.abi.VMM_HOST_PROTOCOL``, ``negotiate``) before the VMM serves any request.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from luo import abi
+from luo.abi import VM_RAM_TOKEN, VM_STATE_TOKEN
 from luo.client import Client, Session
 from luo.client.connection import open_socket
 from luo.errors import LuoError
@@ -20,9 +27,6 @@ from luo.host.wire import raise_for, recv_msg, send_msg
 log = logging.getLogger("luo.vmm")
 
 T = TypeVar("T")
-
-RAM_TOKEN = 0
-STATE_TOKEN = 1
 
 
 TAKEN_TIMEOUT = 15.0
@@ -56,19 +60,20 @@ class HostLink:
         self.session: Session | None = None
         self.sock: socket.socket | None = None
         self.seq: object = None  # the host request being answered: its reply carries it back
+        self.host_protocol = abi.UNVERSIONED  # what this VMM and its host speak, once registered
 
     def preserve(self, ram_fd: int, state_fd: int) -> None:
         """(Re)create the VM's session and preserve its RAM and state memfds in it."""
         s = _while_taken(lambda: self.client.create_session(session_name(self.name)), "session")
-        s.preserve_fd(ram_fd, RAM_TOKEN)
-        s.preserve_fd(state_fd, STATE_TOKEN)
+        s.preserve_fd(ram_fd, VM_RAM_TOKEN)
+        s.preserve_fd(state_fd, VM_STATE_TOKEN)
         self.session = s
 
     def take_incoming(self) -> tuple[int, int]:
         """Retrieve the VM's session from the (new) host: its RAM and state fds."""
         s = self.client.retrieve_session(session_name(self.name))
-        ram = s.retrieve_fd(RAM_TOKEN)
-        state = s.retrieve_fd(STATE_TOKEN)
+        ram = s.retrieve_fd(VM_RAM_TOKEN)
+        state = s.retrieve_fd(VM_STATE_TOKEN)
         self.session = s
         return ram, state
 
@@ -100,12 +105,14 @@ class HostLink:
     def _register(self, info: dict[str, Any], report: dict[str, Any] | None) -> socket.socket:
         sock = open_socket(self.runtime.socket, 60.0)
         send_msg(sock, {"op": "vm_register", "name": self.name, "pid": os.getpid(), "info": info,
-                        "report": report})
+                        "report": report, **abi.announce(abi.VMM_HOST_PROTOCOL, abi.VMM_HOST_OLDEST)})
         got = recv_msg(sock)
         if got is None:
             raise LuoError(errno.ECONNRESET, "the host went away while the VM registered")
         try:
-            raise_for(got[0])
+            raise_for(got[0])  # a host that refuses this VMM's protocol says EPROTONOSUPPORT here
+            self.host_protocol = abi.negotiate("VMM-host protocol", (abi.VMM_HOST_PROTOCOL, abi.VMM_HOST_OLDEST),
+                                               abi.announced(got[0]), "the host", f"this VMM of VM {self.name!r}")
         except LuoError:
             sock.close()
             raise

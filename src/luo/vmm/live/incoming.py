@@ -5,6 +5,9 @@ VMM paused and wrote the record) -> restore the vCPU and device state into the V
 prepare -> ``go`` (sent right behind ``saved``: the ownership passes) -> resume. Retrieving the
 VM's session from the new host, checking it holds the very memfds we mapped, re-preserving and
 registering happen after the guest runs again.
+
+The outgoing VMM may be another installation: ``warm`` carries its VMM channel protocol, checked
+(luo.abi) before anything is built, and the reply carries ours, which it checks in turn.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 import time
 from typing import Any
 
+from luo import abi
 from luo.errors import LuoError
 from luo.host import faults
 from luo.host.procname import GUEST_SESSION_NICE, favour_this_thread, leave_background
@@ -132,6 +136,15 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     if got is None or got[0].get("op") != "warm":
         return 1
     msg, fds = got
+    ours = abi.announce(abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST)
+    try:
+        abi.negotiate("VMM channel protocol", (abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST), abi.announced(msg),
+                      f"VMM pid {str(msg.get('pid'))[:20]}", "this successor VMM")
+    except LuoError as e:  # before anything is built: the update's prepare fails, the guest runs on
+        for fd in fds:
+            os.close(fd)
+        send_msg(ch, {"errno": e.errno, "error": e.message, **ours})
+        return 1
     if len(fds) != 2:
         for fd in fds:
             os.close(fd)
@@ -165,7 +178,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
         send_msg(ch, {"errno": e.errno, "error": e.message})
         vm.stop()
         return 1
-    send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(),
+    send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(), **ours,
                   "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
     warm_end = time.monotonic_ns()
 

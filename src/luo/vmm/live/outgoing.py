@@ -1,7 +1,9 @@
 """The running VMM: answers the host's prepare, freeze, cancel and handed_over.
 
 prepare: hand RAM + state memfds to the successor the host started, and wait until it has built
-its VM (everything expensive happens here, while the guest runs).
+its VM (everything expensive happens here, while the guest runs). The successor comes from the
+update's new installation: both sides check the VMM channel protocol (luo.abi) at this warm-up and
+refuse a peer they cannot speak to, so the update's prepare fails before the guest ever stops.
 handed_over (the new host holds everything): the VM's own switch, and all of its blackout:
 pause every vCPU, save into the preserved state memfd, tell the successor ``saved`` and at once
 ``go``; stay alive until it says the guest runs again. If it dies or times out instead, resume
@@ -22,6 +24,7 @@ import socket
 import time
 from typing import Any
 
+from luo import abi
 from luo.errors import LuoError
 from luo.host import faults
 from luo.host.faults import participant_timeout
@@ -172,7 +175,9 @@ class RunningVmm:
                 return sock
             except LuoError as e:
                 log.warning("vm %s: not preserved yet (%s); still trying", self.vm.name, e)
-                if e.errno != errno.ECONNREFUSED:  # the connect itself waits for a host to appear
+                if e.errno == errno.EPROTONOSUPPORT:  # a host of another protocol: until another one serves
+                    time.sleep(5.0)
+                elif e.errno != errno.ECONNREFUSED:  # the connect itself waits for a host to appear
                     time.sleep(0.1)
 
     def prepare(self, fds: list[int]) -> dict[str, Any]:
@@ -183,7 +188,8 @@ class RunningVmm:
         warm_start = time.monotonic_ns()
         ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
         send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
-                      "info": self.info}, (self.vm.memfd, self.state_fd))
+                      "info": self.info, **abi.announce(abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST)},
+                 (self.vm.memfd, self.state_fd))
         ch.settimeout(WARM_TIMEOUT)
         try:
             got = recv_msg(ch)
@@ -194,11 +200,17 @@ class RunningVmm:
             why = got[0].get("error") if got else "it exited or did not answer"
             err = int(got[0]["errno"]) if got else errno.EIO
             raise LuoError(err, f"successor VMM for {self.vm.name} could not warm up: {why}")
+        self.successor = ch
+        self.successor_pid = int(got[0].get("pid", 0))
+        try:  # the successor checked ours before building anything; a protocol-1 one did not
+            abi.negotiate("VMM channel protocol", (abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST),
+                          abi.announced(got[0]), f"successor VMM pid {self.successor_pid}", "this VMM")
+        except LuoError as e:  # the guest never stopped: drop the successor, and the prepare fails
+            self._drop_successor()
+            raise LuoError(e.errno, f"successor VMM for {self.vm.name} refused: {e.message}") from None
         ch.settimeout(None)
         gc.disable()  # no collection pause inside the coming blackout (no collect now: it would hold
         # the GIL that the running vCPU threads need for every exit)
-        self.successor = ch
-        self.successor_pid = int(got[0].get("pid", 0))
         self.stamps["warm"] = (warm_start, time.monotonic_ns())
         return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": got[0].get("timings_ms", {})}
 
