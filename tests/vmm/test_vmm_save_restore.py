@@ -27,7 +27,7 @@ from luo.vmm.kvm import batch as kbatch
 from luo.vmm.kvm import ioctls as K
 from luo.vmm.kvm import structs as S
 from luo.vmm.kvm.sys import ioctl
-from luo.vmm.state import RecordWriter, parse_record_v2
+from luo.vmm.state import RecordWriter, build_record, pack_blobs, parse_record, parse_record_v2, unpack_blobs
 from luo.vmm.vm import Vm
 
 pytestmark = pytest.mark.kvm
@@ -299,6 +299,18 @@ def test_unknown_versions_refused(counter_elf: Path) -> None:
             assert ei.value.errno == errno.EPROTO and "vcpu1 state version 9" in ei.value.message
         finally:
             new.stop()
+        # a CPUID entry count that does not match the CPUID's length (the kernel would read past it)
+        _, table, base = parse_record_v2(rec)
+        c = base + next(o for n, _, o, _ in table if n == "vcpu0") + vcpu_state.V2_FIXED
+        bad = rec[:c] + struct.pack("<I", struct.unpack_from("<I", rec, c)[0] + 50) + rec[c + 4 :]
+        new = Vm.create("t", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        try:
+            assert new._restore_plan.matches(bad) is None
+            with pytest.raises(LuoError) as ei:
+                new.restore(bad)
+            assert ei.value.errno == errno.EINVAL and "CPUID entry count" in ei.value.message
+        finally:
+            new.stop()
         with pytest.raises(LuoError) as ei:
             old.save(version=7)
         assert ei.value.errno == errno.EINVAL
@@ -519,3 +531,74 @@ def test_msr_refused_by_kvm_is_skipped_and_the_rest_set(counter_elf: Path, runne
         old.stop()
         if new is not None:
             new.stop()
+
+
+def rebuilt(rec: bytes, vcpu: int, payload: bytes) -> bytes:
+    """The version-2 record with vCPU ``vcpu``'s payload replaced."""
+    meta, table, base = parse_record_v2(rec)
+    payloads = {name: (version, rec[base + off : base + off + length]) for name, version, off, length in table}
+    payloads[f"vcpu{vcpu}"] = (payloads[f"vcpu{vcpu}"][0], payload)
+    fixed = [n for n, *_ in table if n not in saveplan.VARIABLE]
+    w = RecordWriter(meta, [(n, payloads[n][0], len(payloads[n][1])) for n in fixed], len(saveplan.VARIABLE))
+    return w.build(b"".join(payloads[n][1] for n in fixed), [(n, *payloads[n]) for n in saveplan.VARIABLE])
+
+
+def vcpu_cpuid(rec: bytes, vcpu: int) -> bytes:
+    _, table, base = parse_record_v2(rec)
+    off, length = next((o, ln) for n, _, o, ln in table if n == f"vcpu{vcpu}")
+    _, cpuid_len, _ = vcpu_state.v2_shape(rec, base + off, length)
+    c = base + off + vcpu_state.V2_FIXED
+    return rec[c : c + cpuid_len]
+
+
+@pytest.mark.parametrize("kind", ["v1", "shorter"])
+def test_foreign_cpuid_is_kept_by_the_next_save(counter_elf: Path, runner: str, kind: str) -> None:
+    """A record whose CPUID this VM did not compute (a v1 record with other bits; a v2 record with
+    one entry fewer, so another layout): the guest keeps it, and the successor's next save carries
+    it, at its length."""
+    sink = MemoryConsoleSink()
+    old = booted(counter_elf, sink)
+    new: Vm | None = None
+    third: Vm | None = None
+    try:
+        assert sink.wait_for(r"^count 0+2$", 10)
+        old.pause()
+        if kind == "v1":
+            meta, comps = parse_record(old.save(version=1))
+            blobs = unpack_blobs(comps["vcpu1"][1])
+            cp = bytearray(blobs["cpuid"])
+            struct.pack_into("<I", cp, 8 + 40 * 3 + 12, struct.unpack_from("<I", cp, 8 + 40 * 3 + 12)[0] ^ 1)
+            blobs["cpuid"] = want = bytes(cp)
+            comps["vcpu1"] = (comps["vcpu1"][0], pack_blobs(blobs))
+            rec = build_record(meta, comps)
+        else:
+            rec = old.save()
+            _, table, base = parse_record_v2(rec)
+            off, length = next((o, ln) for n, _, o, ln in table if n == "vcpu1")
+            p = rec[base + off : base + off + length]
+            flags, cpuid_len, nmsrs = vcpu_state.v2_shape(p, 0, length)
+            f = vcpu_state.V2_FIXED
+            nent = (cpuid_len - 8) // 40
+            want = struct.pack("<II", nent - 1, 0) + p[f + 8 : f + cpuid_len - 40]
+            head = vcpu_state.V2_HEAD.pack(flags, len(want), nmsrs, 0)
+            rec = rebuilt(rec, 1, head + p[len(head) : f] + want + p[f + cpuid_len :])
+        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        third = Vm.create("t3", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)  # before old closes it
+        new.restore(rec)
+        cpuid0 = old.vcpus[0].state.cpuid
+        assert new.vcpus[1].state.cpuid == want and new.vcpus[0].state.cpuid == cpuid0
+        n, last = len(sink.lines), last_count(sink)
+        old.stop()
+        new.start()
+        line = sink.wait_for(COUNT.pattern, 10, start=n)
+        assert line is not None and int(line.split()[1], 16) == last + 1
+        new.pause()
+        again = new.save()
+        assert vcpu_cpuid(again, 1) == want and vcpu_cpuid(again, 0) == cpuid0
+        third.restore(again)
+        assert third.vcpus[1].state.cpuid == want
+    finally:
+        old.stop()
+        for v in (new, third):
+            if v is not None:
+                v.stop()

@@ -118,11 +118,6 @@ class SavePlan:
         self.writer = RecordWriter({"name": vm.name, "mem_bytes": vm.mem_bytes, "ncpus": nv}, self.components,
                                    len(VARIABLE))
 
-    def write_static(self) -> None:
-        """Rewrite what no save changes (after a restore set another CPUID)."""
-        for i, v in enumerate(self.vm.vcpus):
-            v.state.v2_write_static(self.batch.view, self.layout.vcpus[i][0])
-
     def save(self) -> bytes:
         got = self.batch.run()
         if got is not None:
@@ -166,7 +161,10 @@ class RestorePlan:
         for name, version, length in save.components:
             table.append(COMP2.pack(name.encode(), version, off, length))
             off += length
-        heads = [(o, v.state.v2_head()) for (o, _, _), v in zip(self.layout.vcpus, vm.vcpus, strict=True)]
+        # per vCPU: its head, and its CPUID's kvm_cpuid2 header right after the fixed part (the entry
+        # count the kernel will read, if the batch sets that CPUID)
+        heads = [(o, v.state.v2_head() + b"\0" * (vcpu_state.V2_FIXED - vcpu_state.V2_HEAD.size) + v.state.cpuid[:8])
+                 for (o, _, _), v in zip(self.layout.vcpus, vm.vcpus, strict=True)]
         self._expect = (meta, b"".join(table), heads)
         # the same with this VM's name (a successor mostly has its predecessor's): one compare for
         # everything from the record version to the fixed components' table
@@ -192,8 +190,10 @@ class RestorePlan:
                 return None
         if base + self.layout.span > len(record):
             return None
+        h, n = vcpu_state.V2_HEAD.size, vcpu_state.V2_FIXED
         for off, head in heads:
-            if record[base + off : base + off + len(head)] != head:
+            p = base + off
+            if record[p : p + h] != head[:h] or record[p + n : p + n + 8] != head[n:]:
                 return None
         return base, var
 

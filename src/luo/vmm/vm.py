@@ -215,10 +215,15 @@ class Vm:
         if self.fd < 0:
             raise LuoError(errno.ESRCH, f"VM {self.name} was stopped")
         t0 = time.perf_counter()
+        cpuids = [v.state.cpuid for v in self.vcpus]
         if record_version(record) == 1:
             self._restore_v1(record)
         else:
-            self._restore_v2(record)
+            restore_v2(self, record, self._restore_plan)
+        if any(v.state.cpuid is not c for v, c in zip(self.vcpus, cpuids, strict=True)):
+            # the guest keeps the CPUID it was saved with, which this VM did not compute (another
+            # kernel, another VMM): the next save must carry that one, at its length
+            self._save_plan = SavePlan(self)
         self._booted_or_restored = True
         self.timings["restore"] = _ms(t0)
 
@@ -230,10 +235,6 @@ class Vm:
                 f"the record is of a VM with {meta['ncpus']} vCPUs and {meta['mem_bytes']} bytes of RAM; "
                 f"this one has {self.ncpus} and {self.mem_bytes}",
             )
-
-    def _restore_v2(self, record: bytes) -> None:
-        if restore_v2(self, record, self._restore_plan):
-            self._save_plan.write_static()  # the guest's CPUID is now the record's: save that one
 
     def _restore_v1(self, record: bytes) -> None:
         meta, comps = parse_record(record)
