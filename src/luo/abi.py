@@ -43,8 +43,8 @@ from luo.errors import LuoError
 # Each node of the handover tree names its layout with a compatible string. Bump (a new string:
 # "luo-v2") on any change to a node's properties, its children, or the size or meaning of a value.
 # A successor host that meets a compatible it does not know refuses the update at prepare with
-# EOPNOTSUPP naming it (luo.kho.check_compatibles, before the tree is even parsed), before anything
-# is frozen, and the outgoing host carries on with every fd. Nobody speaks down: the outgoing host
+# EOPNOTSUPP naming it (luo.host.successor, from luo.kho.required_compatibles, before the tree is
+# even parsed), before anything is frozen, and the outgoing host carries on with every fd. Nobody speaks down: the outgoing host
 # writes the tree, so an update to a version that does not read the strings it writes fails that
 # way, cleanly, every time. A version that changes a layout should therefore go on reading the
 # string it replaces, so that it can still take over from its predecessor.
@@ -127,8 +127,8 @@ CRASH_SNAPSHOT_FORMAT = "luo-crash-units-v1"  # the snapshot memfd: every unit
 STORE_META_NAME = "luo-meta"
 
 # The keeper's protocol (luo.keeper.server; ``ping`` answers it). Exact match: a luod refuses a
-# keeper of another protocol (EPROTO) and runs without an fd store, said in its log and in
-# ``luo status``. The keeper outlives every luod, updates and crashes alike, so a bump leaves every
+# keeper of another protocol (EPROTO) and runs without an fd store (said in its log; ``luo status``
+# then shows no ``fd_store``). The keeper outlives every luod, updates and crashes alike, so a bump leaves every
 # newer luod unprotected until the keeper is restarted, which drops every fd it holds. So do not
 # bump it: add ops instead (a keeper answers an op it does not know with ENOTTY).
 KEEPER_PROTOCOL = 1
