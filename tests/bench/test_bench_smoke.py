@@ -77,3 +77,7 @@ def test_blackout_bench_quick(tmp_path: Path) -> None:
     assert len(r["luo"]["runs"]) == 3 and len(r["copy"]["runs"]) == 1
     assert set(r["luo"]["parts_median_ms"]) == {"pause", "save", "handover", "restore", "resume"}
     assert r["luo"]["health"]["boots"] == 1 and r["copy"]["health"]["boots"] == 1
+    # the guest's own view of each update, placed on its clock (stall lines with at_ns)
+    seen = r["luo"]["guest_seen"]
+    assert seen["updates"] == 3 and seen["max_ms"] is not None and seen["max_ms"] >= 0
+    assert all(run["guest_max_stall_ms"] is not None for run in r["luo"]["runs"])

@@ -39,6 +39,17 @@ from luo.vmm.vm import Vm
 log = logging.getLogger("luo.vmm")
 
 
+def _guest_clock_minus_mono(vm: Vm) -> int | None:
+    """The guest's kvmclock minus CLOCK_MONOTONIC, both now: kvmclock runs at the host's rate, so
+    this maps any time of the update's timeline to the guest's clock (and its stall lines' at_ns)."""
+    try:
+        _version, raw = vm.clock.save()
+        mono = time.monotonic_ns()
+        return int.from_bytes(raw[:8], "little") - mono
+    except Exception:  # accounting only
+        return None
+
+
 def _same_file(a: int, b: int) -> bool:
     sa, sb = os.fstat(a), os.fstat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -230,6 +241,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
             pass
     write_guest_state(runtime, name, "running",
                       "taken over: its VMM died after saving it" if orphaned else "resumed after a live update")
+    clock_offset = _guest_clock_minus_mono(vm)  # after the resume: off the blackout's path
     ch.close()
     predecessor.close()
     gc.enable()
@@ -251,6 +263,8 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts, "blackout_ns": [paused_at, t_resumed],
               "timeline": [*spans_of(saved.get("timeline"), f"vmm:{name}"), *own],
               "pid": os.getpid(), "vm_timings_ms": {k: round(v, 3) for k, v in vm.timings.items()}}
+    if clock_offset is not None:  # places the guest's own stall lines (at_ns) on this timeline
+        report["guest_clock_minus_mono_ns"] = clock_offset
     log.info("vm %s resumed by successor VMM %d: blackout %.3f ms %s", name, os.getpid(), report["blackout_ms"], parts)
     if orphaned:  # the host never said who holds the session now: take whatever is left, preserve anew
         report["orphaned"] = True
