@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from luo.testing.host import HostProcess
 
 
 @pytest.fixture
@@ -14,3 +16,23 @@ def short_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="luo-t-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_host(short_dir: Path) -> Iterator[Callable[..., HostProcess]]:
+    """Real hosts in private runtime dirs (fault injection allowed), stopped after the test."""
+    hosts: list[HostProcess] = []
+
+    def make(env: dict[str, str] | None = None, name: str = "rt") -> HostProcess:
+        h = HostProcess(short_dir / name, {"LUO_ALLOW_FAULTS": "1", **(env or {})}).start()
+        hosts.append(h)
+        return h
+
+    yield make
+    for h in hosts:
+        h.stop()
+
+
+@pytest.fixture
+def host(make_host: Callable[..., HostProcess]) -> HostProcess:
+    return make_host()
