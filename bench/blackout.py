@@ -392,8 +392,10 @@ def two_vm_report(rows: list[dict[str, Any]]) -> str:
         st = [r[n]["max_stall_ms"] for r in rows if r[n]["max_stall_ms"] is not None]
         table_rows.append([n, len(rows), median(bl), percentile(bl, 99), median(seen) if seen else "n/a",
                            max(seen) if seen else "n/a", max(st) if st else "n/a"])
-    worst = max((r[n]["max_stall_ms"] or 0.0) for r in rows for n in names) if rows else float("nan")
-    verdict = "PASS" if worst <= 20.0 else "MISS"
+    measured = [r[n]["max_stall_ms"] for r in rows for n in names if r[n]["max_stall_ms"] is not None]
+    worst = max(measured) if measured else float("nan")
+    verdict = ("PASS" if worst <= 20.0 else "MISS") if measured else \
+        "not measured (this luo's VMM does not say where the guest's clock stands)"
     return "\n".join([
         f"Two guests on two cores, three busy vCPUs ({', '.join(f'{n}: {m}, {c} vCPUs' for n, m, c in TWO_VMS)}),"
         f" {len(rows)} updates", "",
