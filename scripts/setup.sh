@@ -19,3 +19,8 @@ PY=${PYTHON:-python3}
 if [ -f guest/Makefile ]; then
   make -s -C guest
 fi
+# the VMM's ioctl batch runner (docs/vmm.md); without it the VMM runs the same batches in Python
+so=src/luo/vmm/kvm/_ioctl_batch.so
+if [ ! -f "$so" ] || [ csrc/ioctl_batch.c -nt "$so" ]; then
+  gcc -O2 -Wall -Werror -shared -fPIC -o "$so" csrc/ioctl_batch.c
+fi
