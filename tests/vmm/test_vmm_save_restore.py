@@ -136,6 +136,17 @@ def restore_and_compare(old: Vm, rec: bytes, sink: MemoryConsoleSink) -> Vm:
     return new
 
 
+def switch_over(old: Vm, new: Vm, sink: MemoryConsoleSink) -> int:
+    """Stop the old VM, start the restored one, and check the guest's counter goes on by exactly one
+    (nothing lost, nothing run twice). Returns where the new VM's console lines start."""
+    n, last = len(sink.lines), last_count(sink)
+    old.stop()
+    new.start()
+    line = sink.wait_for(COUNT.pattern, 10, start=n)
+    assert line is not None and int(line.split()[1], 16) == last + 1
+    return n
+
+
 def test_roundtrip_gives_identical_state(counter_elf: Path, runner: str) -> None:
     sink = MemoryConsoleSink()
     old = booted(counter_elf, sink)
@@ -154,11 +165,7 @@ def test_roundtrip_gives_identical_state(counter_elf: Path, runner: str) -> None
             probe.stop()
         new = restore_and_compare(old, rec, sink)
         assert new._restore_plan.batch.cext == (runner == "c")
-        n, last = len(sink.lines), last_count(sink)
-        old.stop()
-        new.start()
-        line = sink.wait_for(COUNT.pattern, 10, start=n)
-        assert line is not None and int(line.split()[1], 16) == last + 1
+        n = switch_over(old, new, sink)
         assert sink.wait_for(r"^ap1 ", 10, start=n)
         assert new.stop_reason is None
     finally:
@@ -178,11 +185,7 @@ def test_v1_record_restores(counter_elf: Path, runner: str) -> None:
         rec = old.save(version=1)
         assert struct.unpack_from("<I", rec, 8)[0] == 1 and rec[16:17] == b"{"
         new = restore_and_compare(old, rec, sink)
-        n, last = len(sink.lines), last_count(sink)
-        old.stop()
-        new.start()
-        line = sink.wait_for(COUNT.pattern, 10, start=n)
-        assert line is not None and int(line.split()[1], 16) == last + 1
+        switch_over(old, new, sink)
     finally:
         old.stop()
         if new is not None:
@@ -258,11 +261,7 @@ def test_record_of_another_shape_restores(counter_elf: Path, runner: str) -> Non
         # the dropped MSR kept the fresh vCPU's value; everything else is the saved state
         assert after["vcpu0.msrs"].pop(drop) != before["vcpu0.msrs"].pop(drop)
         assert_same(before, after)
-        n, last = len(sink.lines), last_count(sink)
-        old.stop()
-        new.start()
-        line = sink.wait_for(COUNT.pattern, 10, start=n)
-        assert line is not None and int(line.split()[1], 16) == last + 1
+        switch_over(old, new, sink)
     finally:
         old.stop()
         if new is not None:
@@ -448,11 +447,7 @@ def test_record_cpuid_differing_from_the_successors_is_set(counter_elf: Path, ru
         c = base + off + vcpu_state.V2_FIXED
         want = rec[c : c + len(new.vcpus[1].state.cpuid)]
         assert new.vcpus[1].state.cpuid == want != old.vcpus[1].state.cpuid
-        n, last = len(sink.lines), last_count(sink)
-        old.stop()
-        new.start()
-        line = sink.wait_for(COUNT.pattern, 10, start=n)
-        assert line is not None and int(line.split()[1], 16) == last + 1
+        switch_over(old, new, sink)
         new.pause()
         again = new.save()
         _, table, base = parse_record_v2(again)
@@ -587,11 +582,7 @@ def test_foreign_cpuid_is_kept_by_the_next_save(counter_elf: Path, runner: str, 
         new.restore(rec)
         cpuid0 = old.vcpus[0].state.cpuid
         assert new.vcpus[1].state.cpuid == want and new.vcpus[0].state.cpuid == cpuid0
-        n, last = len(sink.lines), last_count(sink)
-        old.stop()
-        new.start()
-        line = sink.wait_for(COUNT.pattern, 10, start=n)
-        assert line is not None and int(line.split()[1], 16) == last + 1
+        switch_over(old, new, sink)
         new.pause()
         again = new.save()
         assert vcpu_cpuid(again, 1) == want and vcpu_cpuid(again, 0) == cpuid0
