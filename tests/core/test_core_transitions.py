@@ -22,7 +22,13 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("finish", "updated"): "normal",
     ("reboot", "prepared"): "frozen",
     ("reboot", "frozen"): "frozen",
+    ("boot", "normal"): "updated",  # the successor with an incoming record; no other way in
 }
+
+
+def test_updated_only_through_boot() -> None:
+    assert [(step_name(st), s.label) for (st, s), nxt in TRANSITIONS.items() if nxt is State.UPDATED] == [
+        ("boot", "normal")]
 
 
 def drive(orch: Orchestrator, step: Step) -> None:
@@ -67,7 +73,7 @@ def test_event_matrix(world: World, state: State, step: Step) -> None:
 @pytest.mark.parametrize("state", list(State), ids=lambda s: s.label)
 def test_legal_steps(state: State) -> None:
     assert sorted(step_name(s) for s in legal_steps(state)) == sorted(
-        ev for (ev, st) in EXPECTED if st == state.label
+        ev for (ev, st) in EXPECTED if st == state.label and ev != "boot"  # boot: construction only
     )
 
 

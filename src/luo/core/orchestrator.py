@@ -74,7 +74,7 @@ from luo.core.participants import FileHandler, IncomingFile, Owner, PreservedFil
 from luo.core.registry import Registry, SubsystemSlot
 from luo.core.session import OutgoingSession, SessionHandle, check_session_name
 from luo.core.states import Event, State
-from luo.core.transitions import REBOOT, Step, legal_steps, next_state, require, step_name
+from luo.core.transitions import BOOT, REBOOT, Step, legal_steps, next_state, require, step_name
 from luo.errors import LuoError
 
 log = logging.getLogger("luo.core")
@@ -128,17 +128,17 @@ class Orchestrator:
             self._registry.add_handler(handler)
         for subsystem in subsystems:
             self._registry.add_subsystem(subsystem)
+        self._state = State.NORMAL
+        self.liveupdate_number = 0
         if incoming is None:
             if len(incoming_fds):
                 raise LuoError(errno.EINVAL, "incoming fds were given without an incoming record")
-            self._state = State.NORMAL
-            self.liveupdate_number = 0
         else:
             self._incoming = load_incoming(incoming, incoming_fds)
             for inc in self._incoming_files():
                 self._fds.hold(inc.fd)
             self._fds.release_all(self._incoming.unused_fds)
-            self._state = State.UPDATED
+            self._state = self._step(BOOT)  # the table's only way into UPDATED
             self.liveupdate_number = (incoming.liveupdate_number + 1) & U64_MAX
             log.info(
                 "updated: live update #%d, %d global files, %d sessions, %d subsystems incoming",

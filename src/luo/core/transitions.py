@@ -7,7 +7,8 @@ reader check the design against the kernel's table at a glance.
 Two tables:
 
 - ``TRANSITIONS``: (event, state) -> next state, for the four UAPI events plus the kexec moment
-  (``REBOOT``, driven by ``Orchestrator.begin_update``). A missing row is ``-EINVAL``.
+  (``REBOOT``, driven by ``Orchestrator.begin_update``) and the new kernel's boot with an incoming
+  tree (``BOOT``: the only way into UPDATED). A missing row is ``-EINVAL``.
 - ``OPERATIONS``: which states allow the non-event operations (preserving, registering, ...).
   A state outside the set is ``-EBUSY``, as the kernel answers "not now" rather than "never".
 """
@@ -23,6 +24,10 @@ from luo.errors import LuoError
 REBOOT = "reboot"
 """The kexec moment (``begin_update``): not a UAPI event, but a row of the table all the same."""
 
+BOOT = "boot"
+"""The successor finding its predecessor's record (the kexec'd kernel reading LUO's tree): an
+orchestrator starts NORMAL and enters UPDATED by this row, never by being built that way."""
+
 Step = Event | str
 
 TRANSITIONS: Mapping[tuple[Step, State], State] = {
@@ -34,6 +39,7 @@ TRANSITIONS: Mapping[tuple[Step, State], State] = {
     # A kexec while PREPARED performs the implicit freeze; while FROZEN it just proceeds.
     (REBOOT, State.PREPARED): State.FROZEN,
     (REBOOT, State.FROZEN): State.FROZEN,
+    (BOOT, State.NORMAL): State.UPDATED,
 }
 
 ON_FAILURE: Mapping[Step, State | None] = {
@@ -42,12 +48,14 @@ ON_FAILURE: Mapping[Step, State | None] = {
     # A failed freeze abandons the update altogether.
     Event.FREEZE: State.NORMAL,
     REBOOT: State.NORMAL,
+    BOOT: None,  # an incoming record that cannot be loaded leaves no orchestrator at all
     # cancel and finish callbacks must not fail; finish may be vetoed by can_finish (no move).
     Event.CANCEL: None,
     Event.FINISH: None,
 }
 
 ALL_STEPS: tuple[Step, ...] = (Event.PREPARE, Event.FREEZE, Event.CANCEL, Event.FINISH, REBOOT)
+"""The steps a running orchestrator can be asked for (``BOOT`` happens once, at construction)."""
 
 _OPEN = frozenset({State.NORMAL, State.UPDATED})
 
