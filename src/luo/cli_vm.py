@@ -20,10 +20,11 @@ def _client(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        reply, _ = c.call("vm_start", name=args.name, mem=args.mem, cpus=args.cpus, image=args.image,
+        reply, _ = c.call("vm_start", name=args.name, vmm=args.vmm, mem=args.mem, cpus=args.cpus, image=args.image,
                           cmdline=args.cmdline, timeout=120.0, retry=False)
     vm = reply["vm"]
-    print(f"vm {vm['name']} running: VMM pid {vm['pid']}, session {vm['session']}, console {vm['console']}")
+    print(f"vm {vm['name']} running: {vm.get('vmm', 'luo')} VMM pid {vm['pid']}, session {vm['session']}, "
+          f"console {vm['console']}")
     return 0
 
 
@@ -34,7 +35,7 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
         print(json.dumps(reply["vms"], indent=2))
         return 0
     for vm in reply["vms"]:
-        print(f"{vm['name']:16} {guest_state(vm):14} pid {vm['pid']:<8} mem {vm.get('mem', '?')} "
+        print(f"{vm['name']:16} {vm.get('vmm', 'luo'):5} {guest_state(vm):14} pid {vm['pid']:<8} mem {vm.get('mem', '?')} "
               f"cpus {vm.get('cpus', '?')}")
     return 0
 
@@ -101,6 +102,7 @@ def add_vm_commands(sub: Any) -> None:
     vsub = vm.add_subparsers(dest="vm_command", required=True)
     s = sp(vsub, "start", cmd_vm_start, "start a VM (default: the test guest)")
     s.add_argument("name")
+    s.add_argument("--vmm", default="luo", help="the kind of VMM (a driver of the host): luo")
     s.add_argument("--mem", default="256M")
     s.add_argument("--cpus", type=int, default=2)
     s.add_argument("--image", default=None)

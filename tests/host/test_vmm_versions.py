@@ -100,16 +100,28 @@ def test_vmm_refuses_a_host_of_no_common_protocol(short_dir: Path) -> None:
     assert link.sock is None
 
 
+class _Driver:
+    """A VMM driver that records what the subsystem asks of it."""
+
+    kind = "luo"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, list[str]]] = []
+
+    def freeze(self, vms: list[VmEntry], timeout: float) -> dict[str, dict[str, Any]]:
+        self.asked.append(("freeze", [v.name for v in vms]))
+        return {v.name: {"pause_ms": 1.0} for v in vms}
+
+
 class _Supervisor:
-    """What VmmSubsystem asks of the supervisor, recorded."""
+    """What VmmSubsystem asks of the supervisor."""
 
     def __init__(self, switch: bool) -> None:
         self.switch_after_handover = switch
-        self.asked: list[tuple[str, list[str]]] = []
+        self.driver = _Driver()
 
-    def _ask(self, vms: list[VmEntry], msg: dict[str, Any], timeout: float) -> dict[str, dict[str, Any]]:
-        self.asked.append((msg["op"], [v.name for v in vms]))
-        return {v.name: {"pause_ms": 1.0} for v in vms}
+    def by_driver(self, vms: list[VmEntry]) -> Any:
+        return [(self.driver, list(vms))] if vms else []
 
     def kill_successors(self) -> None:
         raise AssertionError("nothing failed")
@@ -124,13 +136,13 @@ def test_update_freezes_only_vmms_that_may_not_pause_on_handed_over() -> None:
         sub = VmmSubsystem(sup)  # type: ignore[arg-type]
         sub.prepared = [old, new]
         assert sub.freeze(2) == 2
-        assert sup.asked == asked
+        assert sup.driver.asked == asked
         assert sub.frozen == [old, new]
     sup = _Supervisor(True)
     sub = VmmSubsystem(sup)  # type: ignore[arg-type]
     sub.prepared = [new]
     sub.freeze(1)
-    assert sup.asked == []  # today's VMMs run on through the host's freeze
+    assert sup.driver.asked == []  # today's VMMs run on through the host's freeze
 
 
 # -- VMM <-> successor VMM: at warm-up ------------------------------------------------------------

@@ -25,6 +25,8 @@ from luo.host import fields
 from luo.host.credentials import Peer
 from luo.host.runtime import RuntimeDir
 from luo.host.wire import error_reply, recv_msg, send_msg
+from luo.protocol import client_host
+from luo.protocol.table import Cursor
 
 log = logging.getLogger("luod")
 
@@ -32,6 +34,7 @@ SEND_TIMEOUT = 2  # seconds
 
 Reply = tuple[dict[str, Any], list[int]]
 DEFERRED: Reply = ({"deferred": True}, [])  # the op answers later, through Host.defer
+DROPPED: Reply = ({"dropped": True}, [])  # nothing to answer: a participant's late reply
 # What a connection holding /dev/liveupdate may ask: the device's ioctls (v7.3 and RFC v2). Under
 # `luo run` that connection is the program's own fd, opened with the supervisor's credentials, and
 # the program can write to it: it must not reach an update, the VMs or a KHO dump through it.
@@ -67,6 +70,11 @@ class Conn:
     session: Any = None  # a core SessionHandle when this socket is a session fd
     on_close: Callable[[], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    link: Cursor = field(default_factory=lambda: Cursor(client_host.TABLE))  # what the connection is (control, ...)
+
+    def __post_init__(self) -> None:
+        if self.session is not None:  # luod made this connection as a session fd
+            self.link.state = client_host.SESSION
 
 
 class Host:
@@ -125,6 +133,8 @@ class Host:
             pass
         self.conns.pop(c.sock.fileno(), None)
         c.sock.close()
+        if not c.link.done:
+            c.link.feed(client_host.EOF)
         if self.device is c:  # closing /dev/liveupdate's fd lets the next opener in
             self.device = None
         if c.session is not None:
@@ -243,10 +253,6 @@ class Host:
             self.drop_conn(c)
             return
         msg, fds = got
-        if c.extra.get("participant") and msg.get("reply"):
-            for fd in fds:  # a late answer to a request the host stopped waiting for
-                os.close(fd)
-            return
         try:
             reply, out_fds = self.dispatch(c, msg, fds)
         except LuoError as e:
@@ -260,6 +266,8 @@ class Host:
                     os.close(fd)
                 except OSError:
                     pass
+        if reply is DROPPED[0]:
+            return
         if reply is not DEFERRED[0]:
             try:
                 self.reply(c, reply, out_fds)
@@ -286,9 +294,16 @@ class Host:
     def dispatch(self, c: Conn, msg: dict[str, Any], fds: list[int]) -> Reply:
         """Find and run the op. Each op checks its own fields (luo.host.fields) and fds."""
         op = msg.get("op")
+        event = client_host.event_for(c.link.state, op, msg.get("reply") is True, DEVICE_OPS)
+        row = client_host.TABLE.step(c.link.state, event)  # what this connection may ask (EPROTO if nothing)
+        if row.action == "drop":  # a late answer to a request the host stopped waiting for
+            return DROPPED
         if not isinstance(op, str) or len(op) > MAX_OP:
             raise fields.refuse("op", f"must be the name of an operation (a string of at most {MAX_OP} "
                                 f"characters), not {fields.show(op)}")
+        if row.action == "deny":
+            raise LuoError(errno.EPERM, f"{op!r} is not a /dev/liveupdate operation: a connection that holds the "
+                           "device (a program's fd under `luo run`) may only do what its ioctls do")
         table = self.session_ops if c.session is not None else self.ops
         entry = table.get(op)
         if entry is None:
@@ -296,8 +311,7 @@ class Host:
         fn, privileged = entry
         if privileged and not c.peer.privileged:
             raise LuoError(errno.EPERM, f"uid {c.peer.uid} may not {op}: only root or the host's user may")
-        if self.device is c and op not in DEVICE_OPS:
-            raise LuoError(errno.EPERM, f"{op!r} is not a /dev/liveupdate operation: a connection that holds the "
-                           "device (a program's fd under `luo run`) may only do what its ioctls do")
-        return fn(c, msg, fds)
+        got = fn(c, msg, fds)
+        c.link.feed(event)  # done: the connection is what the row says (a refused op raised, nothing moved)
+        return got
 
