@@ -36,7 +36,7 @@ MAX_RECORD_BYTES = 16 << 20  # a record with a few VMs is a few KiB; anything th
 MAX_EVENTS = 100_000  # timeline entries; an update has a dozen per process
 MAX_NS = (1 << 63) - 1  # CLOCK_MONOTONIC in a signed 64-bit ns counter
 MAX_MS = 1e9  # 11 days: no phase of an update lasts longer; bigger is a corrupt value
-VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")  # as luod accepts (host/vms.py)
+VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")  # as luod accepts (luo.host.vms.entry)
 
 # Lanes in the order they are shown: the hosts, then each VM's two VMMs, then anything else.
 HOST_LANES = ("host", "successor-host")
