@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from luo.errors import LuoError
@@ -67,6 +68,8 @@ class Vcpu:
         self.parked = threading.Event()  # set while the thread is parked or gone
         self._resume = threading.Event()
         self.exits = 0
+        self.entered_ns = 0  # CLOCK_MONOTONIC when the thread last left its park for KVM_RUN
+        self.entered = threading.Event()  # set when it has (cleared by start())
         # The thread starts now, parked before its first KVM_RUN: starting a thread costs
         # milliseconds under a busy GIL, and start() is inside the blackout for a successor.
         self.thread = threading.Thread(target=self._loop, name=f"vcpu{index}", daemon=True)
@@ -79,6 +82,7 @@ class Vcpu:
         """Let the parked thread (into) KVM_RUN: the first start and every resume alike."""
         if self.parked.is_set() and self.thread.is_alive() and not self._stop_req:
             self.parked.clear()
+            self.entered.clear()
             self._pause_req = False
             self.run.immediate_exit = 0
             self._resume.set()
@@ -128,6 +132,10 @@ class Vcpu:
         self.parked.set()
         self._resume.wait()
         self._resume.clear()
+        # When this thread really goes on (it has the GIL again), not when it was told to: the gap
+        # between the two is scheduling, and the guest sees it as part of its blackout.
+        self.entered_ns = time.monotonic_ns()
+        self.entered.set()
 
     def _loop(self) -> None:
         try:

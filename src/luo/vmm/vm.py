@@ -158,6 +158,13 @@ class Vm:
         self._running = True
         self.timings["resume"] = _ms(t0)
 
+    def entered(self, timeout: float = 1.0) -> list[int]:
+        """When each vCPU thread went on into KVM_RUN after the last start() (CLOCK_MONOTONIC ns;
+        0 for one that has not by ``timeout``): the end of a blackout as the guest lives it, for
+        the accounting after a resume (never on its path)."""
+        deadline = time.monotonic() + timeout
+        return [v.entered_ns if v.entered.wait(max(0.0, deadline - time.monotonic())) else 0 for v in self.vcpus]
+
     def pause(self) -> None:
         """Return once every vCPU thread is parked outside KVM_RUN (or gone). Idempotent."""
         t0 = time.perf_counter()
