@@ -4,6 +4,9 @@ It imports everything it will need after the handover while the workloads still 
 the compatibility check at prepare, and at the handover parses the tree, adopts every fd, and
 confirms. Until the outgoing host acknowledges, nothing is served: the old host still owns
 the update and may cancel it.
+
+What arrives when, and what each event does, is ``luo.protocol.host_successor.INCOMING`` (per
+announced protocol: ``incoming``); ``SuccessorEnd`` feeds it and runs the action each row names.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from luo.abi import HANDOVER_PROTOCOL, UPDATE_RECORD_FORMAT
@@ -35,6 +40,9 @@ from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.keeper.store import FdStore, open_store
 from luo.kho import parse_tree, required_compatibles
+from luo.protocol import host_successor as hs
+from luo.protocol.host_successor import incoming
+from luo.protocol.table import Cursor, ProtocolError
 
 log = logging.getLogger("luod")
 
@@ -178,44 +186,253 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     announced = faults.values("successor-protocol")
     protocol = int(announced[0]) if announced else HANDOVER_PROTOCOL
     predecessor = Watched(runtime.read_pid() or os.getppid())  # the host that started us
-    try:
-        send_msg(ch, {"op": "hello", "pid": os.getpid(), "compatibles": sorted(known), "protocol": protocol})
-        while True:
-            try:
-                got = recv_msg(ch)
-            except LuoError as e:
-                send_msg(ch, error_reply(e))
-                continue
-            if got is None:
-                return _orphaned(inc, predecessor)
-            msg, fds = got
-            op = msg.get("op")
-            if op == "abort":
-                try:
-                    faults.point("successor", "cancel")
-                except LuoError:
-                    pass
-                return 0
-            if op == "handover" and msg.get("stage") == "prepare":
-                try:
-                    inc.prepare(ch, msg, fds)
-                except LuoError as e:
-                    inc.release()
-                    gc.enable()
-                    send_msg(ch, error_reply(e))
-                else:
-                    send_msg(ch, {"op": "checked"})
-                continue
-            if op == "handover":
-                if msg.get("unchanged") and protocol < 3:  # what we announced we would not understand
-                    send_msg(ch, error_reply(LuoError(errno.EPROTO, "an unchanged final tree needs protocol 3")))
-                    inc.release()
-                    return 2
-                return _take_over(ch, msg, fds, inc, predecessor)
-            for fd in fds:
+    return SuccessorEnd(ch, inc, predecessor, protocol).run()
+
+
+@dataclass
+class Got:
+    """An event's payload for the row's action: the message and its fds, or what went wrong."""
+
+    msg: dict[str, Any] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)
+    error: LuoError | None = None  # a malformed message, a refused one, or the failed step's error
+    blob: bytes | None = None  # the final tree that was refused (kept for the operator)
+
+
+class SuccessorEnd:
+    """The successor's end of the channel: each event goes to ``incoming(protocol)`` and the row's
+    action runs (``_ACTIONS``). An action returns the process's exit status, or None to read the
+    next message; a long step feeds its own outcome (``ok``/``failed``). A send that fails is the
+    ``eof`` event in the state the row led to: the outgoing host is gone."""
+
+    def __init__(self, ch: socket.socket, inc: Incoming, predecessor: Watched, protocol: int) -> None:
+        self.ch = ch
+        self.inc = inc
+        self.predecessor = predecessor
+        self.protocol = protocol
+        self.cursor = Cursor(incoming(protocol))
+        self.orch: Orchestrator | None = None  # the adopted one, from adopting on
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> int:
+        code = self.feed(hs.WARMED, Got())
+        while code is None:
+            code = self.feed(*self.receive())
+        return code
+
+    def receive(self) -> tuple[str, Got]:
+        try:
+            got = recv_msg(self.ch)
+        except LuoError as e:
+            return hs.MALFORMED, Got(error=e)
+        except OSError:
+            return hs.EOF, Got()
+        if got is None:
+            return hs.EOF, Got()
+        msg, fds = got
+        return hs.successor_event(msg), Got(msg, fds)
+
+    def feed(self, event: str, got: Got) -> int | None:
+        state = self.cursor.state
+        try:
+            action = self.cursor.feed(event)
+        except ProtocolError:
+            if event in hs.LOCAL:
+                raise  # a hole in the table, not the peer's doing
+            action = hs.on_refused(state, event)
+            got.error = hs.refusal(self.cursor.table, state, event)
+        try:
+            return _ACTIONS[action](self, got)
+        except OSError:
+            if event == hs.EOF or self.cursor.done:
+                raise
+            return self.feed(hs.EOF, Got())
+
+    # -- the actions the rows name ---------------------------------------------------------------
+
+    def say_hello(self, got: Got) -> int | None:
+        send_msg(self.ch, {"op": hs.HELLO, "pid": os.getpid(), "compatibles": sorted(self.inc.known),
+                           "protocol": self.protocol})
+        return None
+
+    def check_prepared(self, got: Got) -> int | None:
+        try:
+            self.inc.prepare(self.ch, got.msg, got.fds)
+        except LuoError as e:
+            return self.feed(hs.FAILED, Got(error=e))
+        return self.feed(hs.OK, Got())
+
+    def send_checked(self, got: Got) -> int | None:
+        send_msg(self.ch, {"op": hs.CHECKED})
+        return None
+
+    def refuse_prepared(self, got: Got) -> int | None:
+        self.inc.release()
+        gc.enable()
+        assert got.error is not None
+        send_msg(self.ch, error_reply(got.error))
+        return None
+
+    def reply_error(self, got: Got) -> int | None:
+        for fd in got.fds:
+            os.close(fd)
+        assert got.error is not None
+        if isinstance(got.error, ProtocolError):
+            log.warning("successor %d: %s", os.getpid(), got.error.message)
+        send_msg(self.ch, error_reply(got.error))
+        return None
+
+    def ignore(self, got: Got) -> int | None:
+        for fd in got.fds:
+            os.close(fd)
+        if got.error is not None:
+            log.warning("successor %d ignores: %s", os.getpid(), got.error.message)
+        return None
+
+    def exit_cancelled(self, got: Got) -> int | None:
+        try:
+            faults.point("successor", "cancel")
+        except LuoError:
+            pass
+        return 0
+
+    def leave(self, got: Got) -> int | None:
+        log.info("successor %d: the outgoing host went away before the handover", os.getpid())
+        self.inc.release()
+        return 1
+
+    def orphaned(self, got: Got) -> int | None:
+        return _orphaned(self.inc, self.predecessor)
+
+    def adopt_final(self, got: Got) -> int | None:
+        return self._adopt(got, unchanged=False)
+
+    def adopt_prepared(self, got: Got) -> int | None:
+        return self._adopt(got, unchanged=True)
+
+    def _adopt(self, got: Got, unchanged: bool) -> int | None:
+        """The final handover: the final tree (or, unchanged, the prepared one) replaces the
+        orchestrator, every fd adopted; the outcome is fed (``ok``: confirm, ``failed``: refuse)."""
+        t0 = time.perf_counter()
+        n0 = time.monotonic_ns()
+        bad: LuoError | None = None
+        blob: bytes | None = None
+        try:
+            size = got.msg.get("tree_size")
+            if not unchanged and (len(got.fds) != 1 or not isinstance(size, int) or not 0 < size <= MAX_TREE):
+                bad = LuoError(errno.EINVAL, "the final handover needs one tree memfd and a "
+                               f"tree_size of 1..{MAX_TREE} bytes")
+            elif not unchanged:
+                assert isinstance(size, int)
+                blob = read_blob(got.fds[0], size)
+        finally:
+            for fd in got.fds:
                 os.close(fd)
-    except OSError:  # the channel broke under a send: the outgoing host is gone
-        return _orphaned(inc, predecessor)
+        if bad is not None:
+            return self.feed(hs.FAILED, Got(error=bad))
+        t_recv = time.perf_counter()
+        n_recv = time.monotonic_ns()
+        if faults.enabled("successor-stall-handover"):
+            write_atomic(self.inc.runtime.root / "successor.stalled", f"{os.getpid()}\n")
+            recv_msg(self.ch)  # waits until killed or the old host gives up
+            return 3
+        try:
+            faults.point("successor", "handover")
+            self.orch = self.inc.finalize(blob)
+        except LuoError as e:
+            log.error("successor %d refuses the handover: %s", os.getpid(), e)
+            return self.feed(hs.FAILED, Got(error=e, blob=blob))
+        t_adopt = time.perf_counter()
+        self.inc.spans += [("receive", n0, n_recv), ("adopt", n_recv, time.monotonic_ns())]
+        self.timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
+        return self.feed(hs.OK, Got())
+
+    def send_confirm(self, got: Got) -> int | None:
+        assert self.orch is not None
+        send_msg(self.ch, ok(op=hs.CONFIRM, liveupdate_number=self.orch.liveupdate_number, timings_ms=self.timings))
+        return None
+
+    def refuse_final(self, got: Got) -> int | None:
+        for fd in got.fds:
+            os.close(fd)
+        assert got.error is not None
+        if isinstance(got.error, ProtocolError):
+            log.error("successor %d refuses the handover: %s", os.getpid(), got.error.message)
+        reply = error_reply(got.error)
+        if got.blob is not None:  # keep what was refused for the operator (luo kho dump --file)
+            kept = self.inc.runtime.updates / f"refused-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.dtb"
+            kept.write_bytes(got.blob)
+            reply["refused_tree"] = str(kept)
+        send_msg(self.ch, reply)
+        self.inc.release()
+        return 2
+
+    def exit_cancelled_after_confirm(self, got: Got) -> int | None:
+        log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
+        return 4
+
+    def orphaned_after_confirm(self, got: Got) -> int | None:
+        for fd in got.fds:
+            os.close(fd)
+        if not self.predecessor.died():
+            log.error("successor %d: the outgoing host broke the channel but lives on; leaving it everything",
+                      os.getpid())
+            return 4
+        return self._serve_adopted(None)
+
+    def take_over(self, got: Got) -> int | None:
+        for fd in got.fds:
+            os.close(fd)
+        return self._serve_adopted(got.msg)
+
+    def _serve_adopted(self, ack: dict[str, Any] | None) -> int:
+        """Acknowledged (``ack``), or the outgoing host died after our confirm (None): serve."""
+        orch = self.orch
+        assert orch is not None
+        phases = ack.get("phases_ms", {}) if ack is not None else {}
+        old_phases = phases if isinstance(phases, dict) else {}
+        if faults.enabled("successor-exit-after-confirm"):
+            os._exit(9)
+        # Become the service's main process before the old host exits (systemd would otherwise see
+        # its main process die), then let the old host go.
+        notify(f"MAINPID={os.getpid()}", f"STATUS=serving after live update #{orch.liveupdate_number}")
+        try:
+            send_msg(self.ch, {"op": hs.ADOPTED})
+        except OSError:
+            pass
+        self.ch.close()
+        timeline = [*spans_of(ack.get("timeline") if ack is not None else None, "host"),
+                    *(span("successor-host", os.getpid(), p, a, b) for p, a, b in self.inc.spans)]
+        last: dict[str, Any] = {"liveupdate_number": orch.liveupdate_number, "successor_ms": self.timings,
+                                "phases_ms": old_phases, "pid": os.getpid(), "time": time.time(),
+                                "timeline": timeline}
+        if ack is None:
+            log.warning("successor %d: the outgoing host (pid %d) died after the final handover; taking over",
+                        os.getpid(), self.predecessor.pid)
+            last.update(orphaned=True,
+                        why=f"the outgoing host pid {self.predecessor.pid} died after the final handover")
+        return _serve(self.inc, orch, last)
+
+
+_ACTIONS: dict[str, Callable[[SuccessorEnd, Got], int | None]] = {
+    hs.A_SAY_HELLO: SuccessorEnd.say_hello,
+    hs.A_CHECK_PREPARED: SuccessorEnd.check_prepared,
+    hs.A_SEND_CHECKED: SuccessorEnd.send_checked,
+    hs.A_REFUSE_PREPARED: SuccessorEnd.refuse_prepared,
+    hs.A_REPLY_ERROR: SuccessorEnd.reply_error,
+    hs.A_IGNORE: SuccessorEnd.ignore,
+    hs.A_EXIT_CANCELLED: SuccessorEnd.exit_cancelled,
+    hs.A_LEAVE: SuccessorEnd.leave,
+    hs.A_ORPHANED: SuccessorEnd.orphaned,
+    hs.A_ADOPT_FINAL: SuccessorEnd.adopt_final,
+    hs.A_ADOPT_PREPARED: SuccessorEnd.adopt_prepared,
+    hs.A_SEND_CONFIRM: SuccessorEnd.send_confirm,
+    hs.A_REFUSE_FINAL: SuccessorEnd.refuse_final,
+    hs.A_TAKE_OVER: SuccessorEnd.take_over,
+    hs.A_EXIT_CANCELLED_AFTER_CONFIRM: SuccessorEnd.exit_cancelled_after_confirm,
+    hs.A_ORPHANED_AFTER_CONFIRM: SuccessorEnd.orphaned_after_confirm,
+}
+"""Every action of the incoming tables (and of ``on_refused``), as the method that runs it."""
 
 
 class Watched:
@@ -256,79 +473,6 @@ def _orphaned(inc: Incoming, predecessor: Watched) -> int:
     return _serve(inc, orch, {"liveupdate_number": orch.liveupdate_number, "orphaned": True,
                               "why": f"the outgoing host pid {predecessor.pid} died during the update",
                               "pid": os.getpid(), "time": time.time()})
-
-
-def _take_over(ch: socket.socket, msg: dict, fds: list[int], inc: Incoming, predecessor: Watched) -> int:
-    t0 = time.perf_counter()
-    n0 = time.monotonic_ns()
-    try:
-        size = msg.get("tree_size")
-        if not msg.get("unchanged") and (len(fds) != 1 or not isinstance(size, int) or not 0 < size <= MAX_TREE):
-            send_msg(ch, error_reply(LuoError(errno.EINVAL, "the final handover needs one tree memfd and a "
-                                              f"tree_size of 1..{MAX_TREE} bytes")))
-            inc.release()
-            return 2
-        blob = None if msg.get("unchanged") else read_blob(fds[0], size)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    t_recv = time.perf_counter()
-    n_recv = time.monotonic_ns()
-    if faults.enabled("successor-stall-handover"):
-        write_atomic(inc.runtime.root / "successor.stalled", f"{os.getpid()}\n")
-        recv_msg(ch)  # waits until killed or the old host gives up
-        return 3
-    try:
-        faults.point("successor", "handover")
-        orch = inc.finalize(blob)
-    except LuoError as e:
-        log.error("successor %d refuses the handover: %s", os.getpid(), e)
-        reply = error_reply(e)
-        if blob is not None:  # keep what was refused for the operator (luo kho dump --file)
-            kept = inc.runtime.updates / f"refused-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.dtb"
-            kept.write_bytes(blob)
-            reply["refused_tree"] = str(kept)
-        send_msg(ch, reply)
-        inc.release()
-        return 2
-    host = inc.host
-    assert host is not None
-    t_adopt = time.perf_counter()
-    inc.spans += [("receive", n0, n_recv), ("adopt", n_recv, time.monotonic_ns())]
-    timings = {"receive": round((t_recv - t0) * 1000, 3), "adopt": round((t_adopt - t_recv) * 1000, 3)}
-    try:
-        send_msg(ch, ok(op="confirm", liveupdate_number=orch.liveupdate_number, timings_ms=timings))
-        got = recv_msg(ch)
-    except (OSError, LuoError):
-        got = None
-    if got is not None and got[0].get("op") == "abort":
-        log.warning("successor %d: the outgoing host cancelled after confirmation", os.getpid())
-        return 4
-    if got is None and not predecessor.died():
-        log.error("successor %d: the outgoing host broke the channel but lives on; leaving it everything",
-                  os.getpid())
-        return 4
-    phases = got[0].get("phases_ms", {}) if got is not None else {}
-    old_phases = phases if isinstance(phases, dict) else {}
-    if faults.enabled("successor-exit-after-confirm"):
-        os._exit(9)
-    # Become the service's main process before the old host exits (systemd would otherwise see
-    # its main process die), then let the old host go.
-    notify(f"MAINPID={os.getpid()}", f"STATUS=serving after live update #{orch.liveupdate_number}")
-    try:
-        send_msg(ch, {"op": "adopted"})
-    except OSError:
-        pass
-    ch.close()
-    timeline = [*spans_of(got[0].get("timeline") if got is not None else None, "host"),
-                *(span("successor-host", os.getpid(), p, a, b) for p, a, b in inc.spans)]
-    last: dict[str, Any] = {"liveupdate_number": orch.liveupdate_number, "successor_ms": timings,
-                            "phases_ms": old_phases, "pid": os.getpid(), "time": time.time(), "timeline": timeline}
-    if got is None:
-        log.warning("successor %d: the outgoing host (pid %d) died after the final handover; taking over",
-                    os.getpid(), predecessor.pid)
-        last.update(orphaned=True, why=f"the outgoing host pid {predecessor.pid} died after the final handover")
-    return _serve(inc, orch, last)
 
 
 def _serve(inc: Incoming, orch: Orchestrator, last_update: dict[str, Any]) -> int:
