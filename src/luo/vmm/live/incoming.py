@@ -8,6 +8,10 @@ registering happen after the guest runs again.
 
 The outgoing VMM may be another installation: ``warm`` carries its VMM channel protocol, checked
 (luo.abi) before anything is built, and the reply carries ours, which it checks in turn.
+
+What may come when, and what each message, EOF or failure means (whose the guest is), is the
+successor's table in ``luo.protocol.vmm_successor``: this loop only reads, does the long steps and
+runs the action of the row each event leads to.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.spans import span, spans_of
 from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
+from luo.protocol import vmm_successor as vs
+from luo.protocol.table import Cursor
 from luo.vmm.devices.console_sink import FileConsoleSink
 from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
@@ -141,104 +147,161 @@ def _recv(ch: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     return got
 
 
+def _next(end: Cursor, ch: socket.socket, predecessor: Predecessor) -> tuple[str, dict[str, Any]]:
+    """Read the predecessor's next message and feed it to ``end``: the row's action, and the message.
+
+    An EOF is its death only when the pidfd says so, and it is asked only where that changes the
+    row (``eof_needs_pidfd``): elsewhere an EOF costs no wait."""
+    got = _recv(ch)
+    if got is None:
+        dead = vs.eof_needs_pidfd(end.state) and predecessor.died()
+        event = vs.EOF_PREDECESSOR_DEAD if dead else vs.EOF
+    else:
+        event = vs.successor_event(got[0])
+    action, broke = vs.take(end, event)
+    if broke is not None:
+        log.warning("%s", broke)
+    return action, got[0] if got else {}
+
+
 def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
+    """The successor's end of the channel (``luo.protocol.vmm_successor.SUCCESSOR``): each step
+    reads or does one thing, feeds what happened to the table, and runs the row's action."""
     ch = socket.socket(fileno=channel_fd)
-    got = recv_msg(ch)
-    if got is None or got[0].get("op") != "warm":
+    end = Cursor(vs.SUCCESSOR)
+    try:
+        got = recv_msg(ch)
+    except (LuoError, OSError):
+        got, event = None, vs.PROTOCOL_ERROR
+    else:
+        event = vs.EOF if got is None else vs.successor_event(got[0])
+    msg, fds = got if got is not None else ({}, [])
+    action, broke = vs.take(end, event)
+    if action == vs.A_QUIT:  # anything but warm: nothing to build, nobody to answer
+        if broke is not None:
+            log.error("%s", broke)
+        for fd in fds:
+            os.close(fd)
         return 1
-    msg, fds = got
+    if action != vs.A_BUILD:
+        raise vs.unhandled(end, action)
+
     ours = abi.announce(abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST)
+    refusal: dict[str, Any] | None = None  # the error reply, if the build fails
+    vm: Vm | None = None
+    ram_fd = state_fd = -1
+    info: dict[str, Any] = {}
+    predecessor = Predecessor(0)
+    t0 = time.perf_counter()
+    warm_start = time.monotonic_ns()
     try:
         abi.negotiate("VMM channel protocol", (abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST), abi.announced(msg),
                       f"VMM pid {str(msg.get('pid'))[:20]}", "this successor VMM")
     except LuoError as e:  # before anything is built: the update's prepare fails, the guest runs on
         for fd in fds:
             os.close(fd)
-        send_msg(ch, {"errno": e.errno, "error": e.message, **ours})
-        return 1
-    if len(fds) != 2:
+        refusal = {"errno": e.errno, "error": e.message, **ours}
+    if refusal is None and len(fds) != 2:
         for fd in fds:
             os.close(fd)
-        send_msg(ch, {"errno": errno.EINVAL, "error": f"warm needs the RAM and state memfds, got {len(fds)} fds"})
+        refusal = {"errno": errno.EINVAL, "error": f"warm needs the RAM and state memfds, got {len(fds)} fds"}
+    if refusal is None:
+        ram_fd, state_fd = fds
+        got_info = msg.get("info", {})
+        info = got_info if isinstance(got_info, dict) else {}
+        predecessor = Predecessor(msg.get("pid"))  # alive: it waits for our reply
+        try:
+            if faults.enabled("vmm-successor-fail-warm"):
+                raise LuoError(errno.ENOMEM, "cannot build the VM (fault injected)")
+            mem, cpus = msg.get("mem"), msg.get("cpus")
+            if not (isinstance(mem, int) and 0 < mem <= os.fstat(ram_fd).st_size and isinstance(cpus, int)
+                    and 1 <= cpus <= 64):
+                raise LuoError(errno.EINVAL, f"warm: mem {mem!r} must fit the RAM memfd and cpus {cpus!r} be 1..64")
+            console = FileConsoleSink(str(runtime.vm_dir(name) / "console.log"))
+            vm = Vm.create(name, mem, cpus, memfd=ram_fd, console=console)
+        except LuoError as e:
+            refusal = {"errno": e.errno, "error": e.message}
+    if vm is not None:
+        leave_background(GUEST_SESSION_NICE)  # warm: back to normal, the vCPU threads Vm.create started too
+        favour_this_thread()
+        try:
+            faults.point("vmm-successor", "prepare")
+        except LuoError as e:
+            refusal = {"errno": e.errno, "error": e.message}
+    action = end.feed(vs.BUILD_FAILED if refusal is not None else vs.BUILT)
+    if action == vs.A_REPLY_ERROR:
+        assert refusal is not None
+        send_msg(ch, refusal)
+        if vm is not None:
+            vm.stop()
+        predecessor.close()
         return 1
-    ram_fd, state_fd = fds
-    info = msg.get("info", {})
-    if not isinstance(info, dict):
-        info = {}
-    predecessor = Predecessor(msg.get("pid"))
-    t0 = time.perf_counter()
-    warm_start = time.monotonic_ns()
-    try:
-        if faults.enabled("vmm-successor-fail-warm"):
-            raise LuoError(errno.ENOMEM, "cannot build the VM (fault injected)")
-        mem, cpus = msg.get("mem"), msg.get("cpus")
-        if not (isinstance(mem, int) and 0 < mem <= os.fstat(ram_fd).st_size and isinstance(cpus, int)
-                and 1 <= cpus <= 64):
-            raise LuoError(errno.EINVAL, f"warm: mem {mem!r} must fit the RAM memfd and cpus {cpus!r} be 1..64")
-        console = FileConsoleSink(str(runtime.vm_dir(name) / "console.log"))
-        vm = Vm.create(name, mem, cpus, memfd=ram_fd, console=console)
-    except LuoError as e:
-        send_msg(ch, {"errno": e.errno, "error": e.message})
-        return 1
-    leave_background(GUEST_SESSION_NICE)  # warm: back to normal, the vCPU threads Vm.create started too
-    favour_this_thread()
+    if action != vs.A_REPLY_WARM or vm is None:
+        raise vs.unhandled(end, action)
     link = HostLink(runtime, name)
-    try:
-        faults.point("vmm-successor", "prepare")
-    except LuoError as e:
-        send_msg(ch, {"errno": e.errno, "error": e.message})
-        vm.stop()
-        return 1
     send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(), **ours,
                   "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
     warm_end = time.monotonic_ns()
 
     gc.collect()
     gc.disable()  # no collection pause until the guest runs again
-    got = _recv(ch)
-    if got is None or got[0].get("op") != "saved":
+    action, saved = _next(end, ch, predecessor)
+    if action == vs.A_STOP:
         _cancelled()
         vm.stop()  # the guest never left its VMM (or its state died with it): not ours
         return 0
-    saved = got[0]
+    if action != vs.A_RESTORE:
+        raise vs.unhandled(end, action)
     t_saved = time.monotonic_ns()
     try:
         faults.point("vmm-successor", "freeze")  # between the predecessor's save and our restore
+        record, paused_at = read_state(state_fd)
+        if faults.enabled("vmm-successor-stall-restore"):
+            write_atomic(runtime.vm_dir(name) / "successor.stalled", f"{os.getpid()}\n")
+            recv_msg(ch)  # until killed
+            return 3
+        vm.restore(record)
     except LuoError as e:
+        action = end.feed(vs.RESTORE_FAILED)
+        if action != vs.A_FAIL:
+            raise vs.unhandled(end, action) from e
         log.error("vm %s: cannot restore the guest: %s; leaving it to the previous VMM", name, e)
         vm.stop()
         return 1
-    record, paused_at = read_state(state_fd)
-    if faults.enabled("vmm-successor-stall-restore"):
-        write_atomic(runtime.vm_dir(name) / "successor.stalled", f"{os.getpid()}\n")
-        recv_msg(ch)  # until killed
-        return 3
-    vm.restore(record)
+    end.feed(vs.RESTORE_DONE)
     t_restored = time.monotonic_ns()
 
-    got = _recv(ch)
-    orphaned = got is None and predecessor.died()
-    if not orphaned and (got is None or got[0].get("op") != "go"):
+    action, _ = _next(end, ch, predecessor)
+    if action == vs.A_STOP:
         _cancelled()
         vm.stop()  # aborted, or the predecessor dropped us: the guest stays there
         return 0
+    if action not in (vs.A_RESUME, vs.A_TAKE_OVER):
+        raise vs.unhandled(end, action)
+    orphaned = action == vs.A_TAKE_OVER
     try:
         faults.point("vmm-successor", "handover")
     except LuoError as e:  # the predecessor still waits for "resumed": without it, it resumes the guest
+        action = end.feed(vs.RESUME_FAILED)
+        if action != vs.A_FAIL:
+            raise vs.unhandled(end, action) from e
         log.error("vm %s: cannot resume the guest: %s", name, e)
         vm.stop()
         return 1
     t_go = time.monotonic_ns()
     vm.start()  # "go": the new host confirmed it holds the session; orphaned: nobody else can run it
     t_resumed = time.monotonic_ns()
-    if orphaned:
+    action = end.feed(vs.RESUME_DONE)
+    if action == vs.A_REPORT_ORPHANED:
         log.warning("vm %s: the previous VMM (pid %d) died after saving the guest; this VMM resumed it",
                     name, predecessor.pid)
-    else:
+    elif action == vs.A_SEND_RESUMED:
         try:
             send_msg(ch, {"op": "resumed"})
         except OSError:
             pass
+    else:
+        raise vs.unhandled(end, action)
     write_guest_state(runtime, name, "running",
                       "taken over: its VMM died after saving it" if orphaned else "resumed after a live update")
     clock_offset = _guest_clock_minus_mono(vm)  # after the resume: off the blackout's path

@@ -32,6 +32,7 @@ from luo.host.procname import start_in_background
 from luo.host.spans import span
 from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
+from luo.protocol import vmm_successor as vs
 from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
 from luo.vmm.live.statefile import write_state
@@ -67,6 +68,25 @@ def _ms(ns: int) -> float:
     return round(ns / 1e6, 3)
 
 
+def _successor_says(ch: socket.socket) -> tuple[str, dict[str, Any], str]:
+    """The successor VMM's next message as an event of ``vs.RUNNING``, the message, and what went
+    wrong (for the error): a timeout, an EOF (a broken channel too) or a malformed message."""
+    try:
+        got = recv_msg(ch)
+    except TimeoutError:
+        return vs.TIMEOUT, {}, "it did not answer in time"
+    except OSError:
+        return vs.EOF, {}, "it exited or did not answer"
+    except LuoError as e:
+        return vs.PROTOCOL_ERROR, {}, e.message
+    if got is None:
+        return vs.EOF, {}, "it exited or did not answer"
+    for fd in got[1]:  # the successor sends none
+        os.close(fd)
+    msg = got[0]
+    return vs.running_event(msg), msg, str(msg.get("error"))[:512] if msg.get("errno") else ""
+
+
 class RunningVmm:
     def __init__(self, vm: Vm, link: HostLink, state_fd: int, info: dict[str, Any]) -> None:
         self.vm = vm
@@ -75,6 +95,9 @@ class RunningVmm:
         self.info = info
         self.successor: socket.socket | None = None
         self.successor_pid = 0
+        # this VMM's end of the channel to its successor VMM (luo.protocol.vmm_successor): where it
+        # is decides what may be sent, what a reply means, and whether the guest is still ours
+        self.to_successor = vs.running_end()
         self.paused_at = 0
         self.parts: dict[str, float] = {}
         self.stamps: dict[str, tuple[int, int]] = {}  # phase -> (start, end), CLOCK_MONOTONIC ns
@@ -187,24 +210,40 @@ class RunningVmm:
         t0 = time.perf_counter()
         warm_start = time.monotonic_ns()
         ch = socket.socket(fileno=fds.pop())  # the socket owns the fd from here
-        send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes, "cpus": self.vm.ncpus,
-                      "info": self.info, **abi.announce(abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST)},
-                 (self.vm.memfd, self.state_fd))
-        ch.settimeout(WARM_TIMEOUT)
         try:
-            got = recv_msg(ch)
-        except (TimeoutError, OSError):
-            got = None
-        if got is None or got[0].get("errno"):
+            action = self.to_successor.feed(vs.SEND_WARM)  # one successor at a time
+        except LuoError:
             ch.close()
-            why = got[0].get("error") if got else "it exited or did not answer"
-            err = int(got[0]["errno"]) if got else errno.EIO
+            raise
+        if action != vs.A_SEND_WARM:
+            raise vs.unhandled(self.to_successor, action)
+        try:
+            send_msg(ch, {"op": "warm", "pid": os.getpid(), "name": self.vm.name, "mem": self.vm.mem_bytes,
+                          "cpus": self.vm.ncpus, "info": self.info,
+                          **abi.announce(abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST)},
+                     (self.vm.memfd, self.state_fd))
+            ch.settimeout(WARM_TIMEOUT)
+        except (OSError, LuoError) as e:
+            event, reply, why = vs.EOF, {}, f"cannot send warm: {e}"
+        else:
+            event, reply, why = _successor_says(ch)
+        action, broke = vs.take(self.to_successor, event)
+        if action == vs.A_CLOSE:  # it failed, refused, died or hung: it exits by itself
+            ch.close()
+            err = reply.get("errno")
+            if broke is not None:
+                err, why = errno.EPROTO, str(broke)
+            elif not (isinstance(err, int) and not isinstance(err, bool) and err > 0):
+                err = errno.EIO
             raise LuoError(err, f"successor VMM for {self.vm.name} could not warm up: {why}")
+        if action != vs.A_NEGOTIATE:
+            raise vs.unhandled(self.to_successor, action)
         self.successor = ch
-        self.successor_pid = int(got[0].get("pid", 0))
+        pid = reply.get("pid", 0)
+        self.successor_pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else 0
         try:  # the successor checked ours before building anything; a protocol-1 one did not
             abi.negotiate("VMM channel protocol", (abi.VMM_CHANNEL_PROTOCOL, abi.VMM_CHANNEL_OLDEST),
-                          abi.announced(got[0]), f"successor VMM pid {self.successor_pid}", "this VMM")
+                          abi.announced(reply), f"successor VMM pid {self.successor_pid}", "this VMM")
         except LuoError as e:  # the guest never stopped: drop the successor, and the prepare fails
             self._drop_successor()
             raise LuoError(e.errno, f"successor VMM for {self.vm.name} refused: {e.message}") from None
@@ -212,7 +251,7 @@ class RunningVmm:
         gc.disable()  # no collection pause inside the coming blackout (no collect now: it would hold
         # the GIL that the running vCPU threads need for every exit)
         self.stamps["warm"] = (warm_start, time.monotonic_ns())
-        return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": got[0].get("timings_ms", {})}
+        return {"warm_ms": round((time.perf_counter() - t0) * 1000, 3), "successor": reply.get("timings_ms", {})}
 
     def freeze(self) -> dict[str, Any]:
         """A plain ``luo freeze`` (RFC v2: workloads suspended): pause and save now."""
@@ -232,29 +271,41 @@ class RunningVmm:
         self.paused_at = t0
         self.parts = {"pause": _ms(t1 - t0), "save": _ms(t2 - t1)}
         self.stamps.update(pause=(t0, t1), save=(t1, t2))
-        if self.successor is not None:
+        action = self.to_successor.feed(vs.SEND_SAVED)  # "" without a successor (a plain luo freeze)
+        if action == vs.A_SEND_SAVED and self.successor is not None:
             try:  # the successor restores at once; it resumes when it also has "go"
                 send_msg(self.successor, {"op": "saved", "paused_at": t0, "saved_at": t2, "parts_ms": self.parts,
                                           "timeline": self._timeline()})
-            except OSError:
+            except OSError:  # it died: no "resumed" will come after "go", and this VMM resumes the guest
                 pass
+        elif action:
+            raise vs.unhandled(self.to_successor, action)
 
     def _timeline(self) -> list[dict[str, Any]]:
         """This VMM's phases of the update, for the update record (docs/observe.md)."""
         return [span(f"vmm:{self.vm.name}", os.getpid(), k, a, b) for k, (a, b) in self.stamps.items()]
 
     def _drop_successor(self) -> None:
-        """Abort the successor and make sure it is dead: two VMMs must never run one guest."""
-        if self.successor is not None:
-            try:
-                send_msg(self.successor, {"op": "abort"})
-            except OSError:
-                pass
-            self.successor.close()
-            self.successor = None
-        if self.successor_pid:
-            kill_and_reap(self.successor_pid)
-            self.successor_pid = 0
+        """Abort the successor and make sure it is dead: two VMMs must never run one guest.
+
+        The row is looked up first and entered only once its action is done: a drop cut short (its
+        request's watchdog, inside the kill) leaves this end where it was, and the next drop kills
+        again rather than find the guest ``idle`` (ours) with a successor still alive."""
+        action = self.to_successor.table.step(self.to_successor.state, vs.DROP).action
+        if action == vs.A_ABORT:
+            if self.successor is not None:
+                try:
+                    send_msg(self.successor, {"op": "abort"})
+                except OSError:
+                    pass
+                self.successor.close()
+                self.successor = None
+            if self.successor_pid:
+                kill_and_reap(self.successor_pid)
+                self.successor_pid = 0
+        elif action:
+            raise vs.unhandled(self.to_successor, action)
+        self.to_successor.feed(vs.DROP)
 
     def cancel(self) -> dict[str, Any]:
         self._keep_guest("update cancelled")
@@ -264,7 +315,7 @@ class RunningVmm:
     def handed_over(self) -> bool:
         """True when the successor runs the guest (this process then exits)."""
         ch = self.successor
-        if ch is None:
+        if self.to_successor.state == vs.IDLE or ch is None:
             return self._fallback("no successor VMM was warmed")
         if not self.vm.paused:  # the update's switch: the blackout starts here, not at the host's freeze
             try:
@@ -277,17 +328,30 @@ class RunningVmm:
             faults.point("vmm", "handover")  # saved: a VMM dying here leaves the guest to its successor
         except LuoError as e:
             return self._fallback(str(e))
-        try:
+        try:  # go only behind saved (a guest paused by another path, say, is not the successor's)
+            action = self.to_successor.feed(vs.SEND_GO)
+        except LuoError as e:
+            return self._fallback(str(e))
+        if action != vs.A_SEND_GO:  # (a bug) never leave the guest paused: it resumes here
+            return self._fallback(str(vs.unhandled(self.to_successor, action)))
+        try:  # from here the guest is the successor's, until it is killed and gone
             send_msg(ch, {"op": "go"})  # right behind "saved": the successor finds it when restored
             ch.settimeout(RESUME_TIMEOUT)
-            got = recv_msg(ch)
-        except (TimeoutError, OSError):
-            got = None
-        if got is not None and got[0].get("op") == "resumed":
+        except OSError:
+            event = vs.EOF
+        else:
+            event, _, _ = _successor_says(ch)
+        action, broke = vs.take(self.to_successor, event)
+        if action == vs.A_EXIT:
             log.info("vm %s: successor VMM runs the guest; this VMM exits", self.vm.name)
             start_in_background(os.getpid())  # the teardown must not compete with the resumed guest
             self.vm.stop()
             return True
+        # fall_back: _fallback drops the successor (kills and reaps it) before it resumes the guest here
+        if action != vs.A_FALL_BACK:
+            return self._fallback(str(vs.unhandled(self.to_successor, action)))
+        if broke is not None:
+            return self._fallback(f"the successor VMM broke the protocol: {broke}")
         return self._fallback("the successor VMM died or did not resume the guest in time")
 
     def _fallback(self, why: str) -> bool:
