@@ -10,6 +10,9 @@ pause every vCPU, save into the preserved state memfd, tell the successor ``save
 the guest here and re-attach to the new host. The host's freeze and handover happened before,
 with the guest running: its RAM and state memfds are the same files whatever the guest does.
 freeze (a plain ``luo freeze``, not an update): pause and save now, as RFC v2 freezes workloads.
+
+Which request is taken in which state is the VMM's end of ``luo.protocol.host_vmm``; what may be
+said to the successor, and who owns the guest meanwhile, is ``luo.protocol.vmm_successor``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from luo.host.procname import start_in_background
 from luo.host.spans import span
 from luo.host.watchdog import deadline
 from luo.host.wire import recv_msg, send_msg
+from luo.protocol import host_vmm as hv
 from luo.protocol import vmm_successor as vs
+from luo.protocol.table import Cursor, ProtocolError, event_of
 from luo.vmm.live.guest_state import write_guest_state
 from luo.vmm.live.host_link import HostLink
 from luo.vmm.live.statefile import write_state
@@ -106,11 +111,13 @@ class RunningVmm:
         self.watchdog_s = 3 * participant_timeout(WARM_TIMEOUT + 30.0)
 
     def serve(self, report: dict[str, Any] | None = None, *, reattach: bool = False) -> int:
-        """Register with the host and answer its requests until the VM leaves this process.
+        """Register with the host and answer its requests until the VM leaves this process; which
+        request is taken when is the VMM's end of ``luo.protocol.host_vmm``.
 
         ``reattach``: the guest's session is not known to be ours yet (a successor VMM that took
         over from a dead predecessor): drop what is left of it and preserve anew first."""
         sock = self._reattach(report) if reattach else self.link.register(self.info, report)
+        channel = Cursor(hv.VMM)
         while True:
             try:
                 got = recv_msg(sock)
@@ -120,46 +127,63 @@ class RunningVmm:
             except OSError:
                 got = None
             if got is None:
+                channel.feed(hv.EOF)
                 self._host_gone()
                 sock = self._reattach()
                 continue
             msg, fds = got
-            op = msg.get("op")
             self.link.seq = msg.get("seq")
+            event = event_of(msg, hv.REQUESTS)
             try:
-                with deadline(self.watchdog_s, f"VMM request {op!r}"):  # a stuck request fails, the loop goes on
-                    done = self._handle(op, fds)
-                if done:
-                    return 0
-                if op == "handed_over":
-                    assert self.link.sock is not None  # re-registered with the new host after a fallback
-                    sock = self.link.sock
+                action = channel.feed(event)
+            except ProtocolError as e:  # a request out of order: refused, nothing changes
+                for fd in fds:
+                    os.close(fd)
+                self.link.answer_error(e)
+                continue
+            try:
+                with deadline(self.watchdog_s, f"VMM request {event!r}"):  # a stuck request fails, the loop goes on
+                    outcome = self._run(action, msg, fds)
             except Exception as e:  # whatever a request does, the guest must not die with it
                 if not isinstance(e, LuoError):
-                    log.exception("vm %s: request %r failed", self.vm.name, op)
-                    e = LuoError(errno.EIO, f"VMM request {op!r} failed: {e}")
+                    log.exception("vm %s: request %r failed", self.vm.name, event)
+                    e = LuoError(errno.EIO, f"VMM request {event!r} failed: {e}")
+                if (channel.state, hv.FAILED) in hv.VMM.rows:
+                    channel.feed(hv.FAILED)
                 self.link.answer_error(e)
+                continue
+            if outcome:
+                channel.feed(outcome)
+            if channel.done:
+                return 0
+            if outcome == hv.KEPT:
+                assert self.link.sock is not None  # re-registered with the new host after a fallback
+                sock = self.link.sock
 
-    def _handle(self, op: object, fds: list[int]) -> bool:
-        """One host request; True when the guest has left this process (handed over, stopped)."""
-        if op == "prepare":
+    def _run(self, action: str, msg: dict[str, Any], fds: list[int]) -> str:
+        """Run one row's action; returns the event that ends a transient state ("" for none)."""
+        if action == "prepare":
             self.link.answer(self.prepare(fds))
-        elif op == "freeze":
+            return hv.DONE
+        if action == "freeze":
             self.link.answer(self.freeze())
-        elif op == "cancel":
+            return hv.DONE
+        if action == "cancel":
             self.link.answer(self.cancel())
-        elif op == "handed_over":
-            return self.handed_over()
-        elif op == "stop":
+            return ""
+        if action == "switch":
+            return hv.SWITCHED if self.handed_over() else hv.KEPT
+        if action == "stop":
+            self._drop_successor()
             self.vm.stop()
             self._report("stopped", "stopped by the operator")
             if self.link.session is not None:
                 self.link.session.close()
             self.link.answer({})
-            return True
-        else:
-            raise LuoError(errno.ENOTTY, f"unknown VMM request {op!r}")
-        return False
+            return ""
+        for fd in fds:
+            os.close(fd)
+        raise LuoError(errno.ENOTTY, f"unknown VMM request {str(msg.get('op'))[:64]!r}")  # action "refuse"
 
     def _host_gone(self) -> None:
         """The host died. Until this VMM sends ``go`` the guest is its own (the ownership rule in
