@@ -123,12 +123,31 @@ def guest_view(con: Console, vm: dict[str, Any], window_ns: tuple[int, int], aft
     stalls = stall_lines(con)
     w0, w1 = window_ns[0] + off, window_ns[1] + off
     in_update = [gap for gap, _cpu, at in stalls if at - gap <= w1 and at >= w0]
-    seen = None
+    seen, where = None, None
     if isinstance(bl, list) and len(bl) == 2:
         b0, b1 = bl[0] + off, bl[1] + off
-        spanning = [gap for gap, _cpu, at in stalls if at - gap <= b0 + 1 and at >= b1 - 1]
-        seen = max(spanning) / 1e6 if spanning else 0.0  # 0: every vCPU read its clock within 200 µs
-    return {"seen_ms": seen, "max_stall_ms": max(in_update) / 1e6 if in_update else 0.0}
+        spanning = [(gap, cpu, at) for gap, cpu, at in stalls if at - gap <= b0 + 1 and at >= b1 - 1]
+        seen = max(g for g, _c, _a in spanning) / 1e6 if spanning else 0.0  # 0: every vCPU read its clock within 200 µs
+        if spanning:
+            where = seen_parts(max(spanning), off, bl, vm.get("vcpu_entered_ns"))
+    return {"seen_ms": seen, "max_stall_ms": max(in_update) / 1e6 if in_update else 0.0, "seen_parts_ms": where}
+
+
+SEEN_PARTS = ("before pause", "VMM blackout", "thread back", "guest back")
+
+
+def seen_parts(stall: tuple[int, int, int], off: int, bl: list[int], entered: Any) -> dict[str, float] | None:
+    """Where a vCPU's gap that spans the blackout went, on CLOCK_MONOTONIC: from its last clock read
+    to the first vCPU paused; the VMM's blackout (first paused -> last told to run); until this
+    vCPU's thread really went on into KVM_RUN (scheduling, the GIL); until the guest read its clock
+    again (inside KVM_RUN: the hypervisor's own way back into the guest)."""
+    gap, cpu, at = stall
+    if not (isinstance(entered, list) and cpu < len(entered) and isinstance(entered[cpu], int) and entered[cpu]):
+        return None
+    end = at - off
+    start = end - gap
+    return {"before pause": (bl[0] - start) / 1e6, "VMM blackout": (bl[1] - bl[0]) / 1e6,
+            "thread back": (entered[cpu] - bl[1]) / 1e6, "guest back": (end - entered[cpu]) / 1e6}
 
 
 def luo_block(size: int, updates: int, image: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -155,7 +174,7 @@ def luo_block(size: int, updates: int, image: str | None = None) -> tuple[list[d
                 runs.append({"blackout_ms": float(vm["blackout_ms"]), "parts_ms": vm["parts_ms"],
                              "host_phases_ms": r["phases_ms"], "vm_timings_ms": vm.get("vm_timings_ms", {}),
                              "total_ms": r["total_ms"], "guest_seen_ms": seen["seen_ms"],
-                             "guest_max_stall_ms": seen["max_stall_ms"]})
+                             "guest_max_stall_ms": seen["max_stall_ms"], "seen_parts_ms": seen["seen_parts_ms"]})
                 c = host.client()
                 c.finish()
                 c.close()
@@ -178,9 +197,12 @@ def seen_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     seen = [r["guest_seen_ms"] for r in runs if r.get("guest_seen_ms") is not None]
     over = [r["guest_seen_ms"] - r["blackout_ms"] for r in runs if r.get("guest_seen_ms") is not None]
     stalls = [r["guest_max_stall_ms"] for r in runs if r.get("guest_max_stall_ms") is not None]
+    placed = [r["seen_parts_ms"] for r in runs if r.get("seen_parts_ms")]
     return {"updates": len(seen), "median_ms": median(seen) if seen else None,
             "max_ms": max(seen) if seen else None, "max_over_blackout_ms": max(over) if over else None,
-            "max_stall_in_update_ms": max(stalls) if stalls else None}
+            "max_stall_in_update_ms": max(stalls) if stalls else None,
+            "parts_median_ms": {p: median([w[p] for w in placed]) for p in SEEN_PARTS} if placed else None,
+            "parts_placed": len(placed)}
 
 
 def summarize_luo(runs: list[dict[str, Any]], health: list[dict[str, Any]]) -> dict[str, Any]:
@@ -446,6 +468,9 @@ def report(results: list[dict[str, Any]], updates: int) -> str:
                   *[r["luo"]["guest_seen"][k] if r["luo"]["guest_seen"][k] is not None else "n/a"
                     for k in ("median_ms", "max_ms", "max_over_blackout_ms", "max_stall_in_update_ms")]]
                  for r in done]
+    where_rows = [[fmt_size(r["size"]), r["luo"]["guest_seen"]["parts_placed"],
+                   *[r["luo"]["guest_seen"]["parts_median_ms"][p] for p in SEEN_PARTS]]
+                  for r in done if r["luo"]["guest_seen"].get("parts_median_ms")]
     health_rows = [[fmt_size(r["size"]), r["luo"]["health"]["heartbeats"], r["luo"]["health"]["stalls"],
                     r["luo"]["health"]["max_stall_ms"], r["copy"]["health"]["stalls"],
                     r["copy"]["health"]["max_stall_ms"]] for r in done]
@@ -461,6 +486,9 @@ def report(results: list[dict[str, Any]], updates: int) -> str:
            "spans the VMM's blackout; 0 = every vCPU read its clock within 200 µs)", "",
            table(["guest", "updates", "seen median ms", "seen max ms", "worst seen - blackout ms",
                   "longest stall in an update ms"], seen_rows), "",
+           "Where the guest-seen gap goes (medians, ms, CLOCK_MONOTONIC): its last clock read -> first vCPU "
+           "paused; the VMM's blackout; -> that vCPU's thread back into KVM_RUN; -> its first clock read", "",
+           table(["guest", "updates placed", *SEEN_PARTS], where_rows), "",
            "Stall lines over the whole run (luo: > 0.2 ms on a busy vCPU, most of them the shared machine's "
            "scheduling; copy-based: > 50 ms)", "",
            table(["guest", "luo heartbeats", "luo stalls", "luo max stall ms", "copy stalls", "copy max stall ms"],

@@ -45,7 +45,7 @@ VMM_PREFIXES = ("vmm:", "vmm-successor:")
 NO_TIMELINE = "no timeline in this record: phases laid end to end"
 
 # Without a timeline, which VMM did each blackout part (the rest goes to the outgoing VMM's lane).
-_SUCCESSOR_PARTS = frozenset({"restore", "resume"})
+_SUCCESSOR_PARTS = frozenset({"restore", "resume", "enter"})
 
 
 @dataclass(frozen=True)

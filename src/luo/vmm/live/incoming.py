@@ -305,6 +305,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     write_guest_state(runtime, name, "running",
                       "taken over: its VMM died after saving it" if orphaned else "resumed after a live update")
     clock_offset = _guest_clock_minus_mono(vm)  # after the resume: off the blackout's path
+    entered = vm.entered(1.0)  # when each vCPU thread really went on into KVM_RUN (0: not within 1 s)
     ch.close()
     predecessor.close()
     gc.enable()
@@ -319,15 +320,19 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     parts["handover"] = _ms(t_go - saved_at - (t_restored - t_saved))
     parts["restore"] = _ms(t_restored - t_saved)
     parts["resume"] = _ms(t_resumed - t_go)
+    if entered and all(entered):  # after the blackout as the VMM counts it: the threads' own way back
+        parts["enter"] = _ms(max(entered) - t_resumed)
     lane = f"vmm-successor:{name}"
     own = [span(lane, os.getpid(), phase, a, b)
            for phase, a, b in (("warm", warm_start, warm_end), ("restore", t_saved, t_restored),
-                               ("wait_go", t_restored, t_go), ("resume", t_go, t_resumed))]
+                               ("wait_go", t_restored, t_go), ("resume", t_go, t_resumed),
+                               *((f"enter_vcpu{i}", t_resumed, e) for i, e in enumerate(entered) if e >= t_resumed))]
     report = {"blackout_ms": _ms(t_resumed - paused_at), "parts_ms": parts, "blackout_ns": [paused_at, t_resumed],
               "timeline": [*spans_of(saved.get("timeline"), f"vmm:{name}"), *own],
               "pid": os.getpid(), "vm_timings_ms": {k: round(v, 3) for k, v in vm.timings.items()}}
     if clock_offset is not None:  # places the guest's own stall lines (at_ns) on this timeline
         report["guest_clock_minus_mono_ns"] = clock_offset
+    report["vcpu_entered_ns"] = entered
     log.info("vm %s resumed by successor VMM %d: blackout %.3f ms %s", name, os.getpid(), report["blackout_ms"], parts)
     if orphaned:  # the host never said who holds the session now: take whatever is left, preserve anew
         report["orphaned"] = True
