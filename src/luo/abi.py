@@ -176,6 +176,15 @@ VMM_STATE_COMPONENTS = {  # component: (version written in a version-2 record, e
     "mmio-console": (2, (1, 2)),  # 1: JSON
 }
 
+# A QEMU VM's state record (luo.qemu.machine), in the same state memfd and header: JSON that says
+# what the migration moved (bytes, QEMU's own downtime) and when QEMU stopped the guest (its STOP
+# event). The device state itself goes QEMU to QEMU (migration with x-ignore-shared), versioned
+# by QEMU's machine type (the VM runs the versioned type, e.g. pc-i440fx-7.2, that its first QEMU
+# resolved, so a newer QEMU loads it as the same machine). Bump (-v2) when a key a successor reads
+# changes meaning; a successor refuses another format with EPROTO at restore and the old QEMU
+# takes the guest back.
+QEMU_STATE_RECORD_FORMAT = "luo-qemu-migration-v1"
+
 # The boot block the VMM writes for the test guest (luo.vmm.loader, guest/src/guest.h): read once,
 # at boot, by the guest image, which halts on another magic. Bump (LUOBOOT2) with any change to the
 # block's layout, and rebuild the guest (guest/): images and VMMs must agree; nothing crosses an
@@ -190,7 +199,7 @@ GUEST_BOOT_MAGIC = 0x31544F4F424F554C  # "LUOBOOT1", little-endian
 GUEST_STATE_FORMAT = 1
 
 # == VMM to host: the registration and the host's requests (luo.vmm.live.host_link ↔ ==============
-# luo.host.vms.VmSupervisor) and VMM to successor VMM: the channel (luo.vmm.live.outgoing ↔ incoming)
+# luo.host.vms.supervision) and VMM to successor VMM: the channel (luo.vmm.live.outgoing ↔ incoming)
 #
 # Both are negotiated the same way (``negotiate``): each side says the newest protocol it speaks
 # and the oldest it still speaks ("protocol", "oldest"); the pair speaks the older of the two

@@ -46,7 +46,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
     before_update(args.plot)  # a plot that cannot be drawn is refused before updating
     result = update(args.runtime_dir, to=args.to, timeout=args.timeout, connect_timeout=args.connect_timeout,
-                    faults=args.fault)
+                    faults=args.fault, qemu=args.qemu)
     if args.reboot:
         from luo.host.runtime import resolve_runtime_dir
         from luo.uapi.control import reboot
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(ev, cmd_event, f"send the {ev} event")
     u = add("update", cmd_update, "live-update the host (prepare, freeze, handover)")
     u.add_argument("--to", default=None, help="the luo command of the version to update to")
+    u.add_argument("--qemu", default=None, metavar="PATH",
+                   help="the QEMU binary the QEMU VMs move to (default: the new installation's)")
     u.add_argument("--json", action="store_true")
     u.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the successor's confirmation")
     u.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)

@@ -20,8 +20,10 @@ def _client(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
     with _client(args) as c:
+        extra = {k: getattr(args, k) for k in ("kernel", "initrd", "append", "qemu", "accel")} \
+            if args.vmm == "qemu" else {}
         reply, _ = c.call("vm_start", name=args.name, vmm=args.vmm, mem=args.mem, cpus=args.cpus, image=args.image,
-                          cmdline=args.cmdline, timeout=120.0, retry=False)
+                          cmdline=args.cmdline, timeout=120.0, retry=False, **extra)
     vm = reply["vm"]
     print(f"vm {vm['name']} running: {vm.get('vmm', 'luo')} VMM pid {vm['pid']}, session {vm['session']}, "
           f"console {vm['console']}")
@@ -78,6 +80,16 @@ def _require_host(args: argparse.Namespace) -> None:
 
 def cmd_vmm_run(args: argparse.Namespace) -> int:
     _require_host(args)
+    if args.vmm == "qemu":
+        from luo.qemu.guest import DEFAULT_APPEND, default_initrd, default_kernel, qemu_binary
+        from luo.qemu.machine import QemuConfig
+        from luo.qemu.main import run_qemu_vmm
+        from luo.vmm.live.main import _logging, parse_size
+
+        _logging(args.name)
+        config = QemuConfig(args.qemu or qemu_binary(), args.kernel or str(default_kernel()),
+                            args.initrd or str(default_initrd()), args.append or DEFAULT_APPEND, args.accel)
+        return run_qemu_vmm(args.runtime_dir, args.name, parse_size(args.mem), args.cpus, config)
     from luo.vmm.live.main import run_vmm
 
     return run_vmm(args.runtime_dir, args.name, args.mem, args.cpus, args.image, args.cmdline)
@@ -85,6 +97,10 @@ def cmd_vmm_run(args: argparse.Namespace) -> int:
 
 def cmd_vmm_successor(args: argparse.Namespace) -> int:
     _require_host(args)
+    if args.qemu:
+        import os
+
+        os.environ["LUO_QEMU"] = args.qemu  # the QEMU of this update's new installation
     from luo.vmm.live.main import run_successor
 
     return run_successor(args.runtime_dir, args.name, args.channel)
@@ -102,7 +118,13 @@ def add_vm_commands(sub: Any) -> None:
     vsub = vm.add_subparsers(dest="vm_command", required=True)
     s = sp(vsub, "start", cmd_vm_start, "start a VM (default: the test guest)")
     s.add_argument("name")
-    s.add_argument("--vmm", default="luo", help="the kind of VMM (a driver of the host): luo")
+    s.add_argument("--vmm", default="luo", help="the kind of VMM (a driver of the host): luo or qemu")
+    s.add_argument("--kernel", default=None, help="(qemu) the guest kernel (default: the set-up's Debian cloud kernel)")
+    s.add_argument("--initrd", default=None, help="(qemu) the initramfs (default: the set-up's heartbeat guest)")
+    s.add_argument("--append", default=None, help="(qemu) the kernel command line")
+    s.add_argument("--qemu", default=None, help="(qemu) the QEMU binary (default: qemu-system-x86_64 on PATH)")
+    s.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                   help="(qemu) auto: KVM only with hardware virtualisation (vmx/svm), else TCG")
     s.add_argument("--mem", default="256M")
     s.add_argument("--cpus", type=int, default=2)
     s.add_argument("--image", default=None)
@@ -118,6 +140,12 @@ def add_vm_commands(sub: Any) -> None:
     vmm = sub.add_parser("vmm", help="(internal) the VMM processes the host starts")
     msub = vmm.add_subparsers(dest="vmm_command", required=True)
     r = sp(msub, "run", cmd_vmm_run, None)
+    r.add_argument("--vmm", choices=("luo", "qemu"), default="luo")
+    r.add_argument("--kernel", default=None)
+    r.add_argument("--initrd", default=None)
+    r.add_argument("--append", default=None)
+    r.add_argument("--qemu", default=None)
+    r.add_argument("--accel", default="auto")
     r.add_argument("--name", required=True)
     r.add_argument("--mem", default="256M")
     r.add_argument("--cpus", type=int, default=2)
@@ -126,6 +154,7 @@ def add_vm_commands(sub: Any) -> None:
     r = sp(msub, "successor", cmd_vmm_successor, None)
     r.add_argument("--name", required=True)
     r.add_argument("--channel", type=int, required=True)
+    r.add_argument("--qemu", default=None)
 
 
 __all__ = ["add_vm_commands"]

@@ -13,9 +13,12 @@ from luo.client.client import Client
 
 
 def update(runtime_dir: str | os.PathLike[str] | None = None, to: str | list[str] | None = None,
-           timeout: float = 10.0, connect_timeout: float = 0.0, faults: list[str] | None = None) -> dict[str, Any]:
+           timeout: float = 10.0, connect_timeout: float = 0.0, faults: list[str] | None = None,
+           qemu: str | None = None) -> dict[str, Any]:
+    """``qemu``: the QEMU binary the successor VMMs of QEMU VMs run (default: the new installation's)."""
+    extra = {"qemu": qemu} if qemu else {}
     with Client(runtime_dir, timeout=connect_timeout) as c:
-        reply, _ = c.call("update", to=to, handover_timeout=timeout, retry=False, faults=faults or [])
+        reply, _ = c.call("update", to=to, handover_timeout=timeout, retry=False, faults=faults or [], **extra)
     result = {k: v for k, v in reply.items() if k != "errno"}
     with Client(runtime_dir, timeout=connect_timeout) as c:
         reply, _ = c.call("wait_update", wait=30.0, timeout=60.0)

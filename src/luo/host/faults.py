@@ -22,6 +22,8 @@ The update hands its faults to the processes it starts (successor host, successo
   is ``error`` (fails with EIO), ``crash`` (SIGKILL of its own process) or ``hang`` (never returns:
   whoever waits on it must give up at its timeout, ``LUO_PARTICIPANT_TIMEOUT``).
 - ``vmm-successor-fail-warm``: a successor VMM cannot build its VM at prepare.
+- ``qemu-successor-dies``: the successor QEMU of a QEMU VM is killed right after it started, so the
+  migration of the switch fails and the old QEMU must take the guest back.
 - ``vmm-successor-stall-restore``: a successor VMM writes ``<vm dir>/successor.stalled`` before restoring
   and waits, so a test can kill it during restore.
 """

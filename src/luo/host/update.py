@@ -115,11 +115,16 @@ def run_update(host: Host, msg: dict[str, Any]) -> dict[str, Any]:
     if not cmd:
         raise fields.refuse("to", "names no command")
     asked = fields.str_list(msg, "faults", 64, 256, [])
+    qemu = fields.text(msg, "qemu", 4096, None)
+    if qemu is not None and not os.access(qemu, os.X_OK):
+        raise fields.refuse("qemu", f"is not an executable file: {qemu!r}")
     orch = host.orch
     if orch.state not in (State.NORMAL, State.PREPARED):
         hint = "; run `luo finish` first" if orch.state == State.UPDATED else ""
         raise LuoError(errno.EINVAL, f"cannot update from state {orch.state.label}{hint}")
     faults.set_for_update(asked)
+    if host.vms is not None:
+        host.vms.set_successor_options({"qemu": qemu} if qemu else {})
     try:
         return _update(host, {**msg, "start_timeout": start_timeout}, cmd, timeout)
     finally:

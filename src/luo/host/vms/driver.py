@@ -45,6 +45,9 @@ class VmSpec:
 class VmmDriver(abc.ABC):
     kind: ClassVar[str]  # the name ``luo vm start --vmm`` selects it by
     description: ClassVar[str]
+    # What this update asked of the successor VMMs (``luo update --qemu PATH``: {"qemu": PATH}); set
+    # by the supervisor before ``warm``.
+    successor_options: dict[str, Any] = {}  # noqa: RUF012 (replaced, never mutated)
 
     @abc.abstractmethod
     def options(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from luo.host.runtime import RuntimeDir, write_atomic
 from luo.host.vms.driver import VmmDriver, VmSpec
 from luo.host.vms.entry import VM_NAME, VM_NAME_RULE, VmEntry, session_name
 from luo.host.vms.luo_vmm import LuoVmmDriver
+from luo.host.vms.qemu_driver import QemuVmmDriver
 from luo.host.vms.requests import Requests
 from luo.host.wire import ok
 from luo.protocol import host_vmm as hv
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("luod")
 
-DRIVERS: tuple[type[VmmDriver], ...] = (LuoVmmDriver,)  # `luo vm start --vmm KIND`; the first is the default
+DRIVERS: tuple[type[VmmDriver], ...] = (LuoVmmDriver, QemuVmmDriver)  # `luo vm start --vmm KIND`; the first is the default
 
 
 def _name(msg: dict[str, Any]) -> str:
@@ -77,6 +78,11 @@ class VmSupervisor:
     def kill_successors(self) -> None:
         for driver, group in self.by_driver(list(self.vms.values())):
             driver.kill_successors(group)
+
+    def set_successor_options(self, options: dict[str, Any]) -> None:
+        """What this update asks of every successor VMM (``luo update --qemu PATH``)."""
+        for d in self.drivers.values():
+            d.successor_options = dict(options)
 
     def handed_over(self) -> None:
         """The new host confirmed it holds every session: each VM switches (luo.host.update)."""
@@ -148,7 +154,7 @@ class VmSupervisor:
         """Every field is checked before the VM's directory or process exists."""
         fields.no_fds(fds, "vm_start")
         name = _name(msg)
-        kind = fields.text(msg, "vmm", 16, DRIVERS[0].kind)
+        kind = fields.text(msg, "vmm", 16, DRIVERS[0].kind)  # its options are checked by the driver
         driver = self.drivers.get(kind)
         if driver is None:
             raise fields.refuse("vmm", f"names no VMM driver of this host: {kind!r} (known: {', '.join(self.drivers)})")

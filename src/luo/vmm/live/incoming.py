@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import select
+import signal
 import socket
 import time
 from typing import Any
@@ -164,6 +165,23 @@ def _next(end: Cursor, ch: socket.socket, predecessor: Predecessor) -> tuple[str
     return action, got[0] if got else {}
 
 
+def _build_machine(runtime: RuntimeDir, name: str, mem: int, cpus: int, ram_fd: int, info: dict[str, Any]) -> Vm:
+    """The machine the guest moves into, built while it still runs elsewhere: our KVM VM, or (a VM
+    whose ``info`` says ``vmm: qemu``) a QEMU waiting for the device state (luo.qemu.machine). The
+    QEMU binary is this installation's (``LUO_QEMU``, set by ``luo vmm successor --qemu``), or the
+    one the VM ran on."""
+    if info.get("vmm") == "qemu":
+        from luo.qemu.machine import QemuConfig, QemuMachine
+
+        config = QemuConfig.from_info(info, os.environ.get("LUO_QEMU") or None)
+        vm = QemuMachine.incoming(name, mem, cpus, ram_fd, runtime.vm_dir(name), config)
+        info.update(qemu=config.qemu, qemu_pid=vm.proc.pid)  # what this VMM registers with, after the switch
+        if faults.enabled("qemu-successor-dies"):  # its QEMU gone before the migration: the switch must fall back
+            os.kill(vm.proc.pid, signal.SIGKILL)
+        return vm  # type: ignore[return-value]
+    return Vm.create(name, mem, cpus, memfd=ram_fd, console=FileConsoleSink(str(runtime.vm_dir(name) / "console.log")))
+
+
 def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     """The successor's end of the channel (``luo.protocol.vmm_successor.SUCCESSOR``): each step
     reads or does one thing, feeds what happened to the table, and runs the row's action."""
@@ -217,8 +235,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
             if not (isinstance(mem, int) and 0 < mem <= os.fstat(ram_fd).st_size and isinstance(cpus, int)
                     and 1 <= cpus <= 64):
                 raise LuoError(errno.EINVAL, f"warm: mem {mem!r} must fit the RAM memfd and cpus {cpus!r} be 1..64")
-            console = FileConsoleSink(str(runtime.vm_dir(name) / "console.log"))
-            vm = Vm.create(name, mem, cpus, memfd=ram_fd, console=console)
+            vm = _build_machine(runtime, name, mem, cpus, ram_fd, info)
         except LuoError as e:
             refusal = {"errno": e.errno, "error": e.message}
     if vm is not None:
@@ -333,6 +350,12 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
     if clock_offset is not None:  # places the guest's own stall lines (at_ns) on this timeline
         report["guest_clock_minus_mono_ns"] = clock_offset
     report["vcpu_entered_ns"] = entered
+    migration = getattr(vm, "last_migration", None)
+    if migration:  # a QEMU VM: what moved, and the blackout as QEMU's own STOP and RESUME events date it
+        report["migration"] = migration
+        resumed_wall = vm.resume_wall_ns()  # type: ignore[attr-defined]
+        if isinstance(migration.get("stop_wall_ns"), int) and resumed_wall:
+            report["qmp_blackout_ms"] = _ms(resumed_wall - migration["stop_wall_ns"])
     log.info("vm %s resumed by successor VMM %d: blackout %.3f ms %s", name, os.getpid(), report["blackout_ms"], parts)
     if orphaned:  # the host never said who holds the session now: take whatever is left, preserve anew
         report["orphaned"] = True
