@@ -19,6 +19,11 @@ PY=${PYTHON:-python3}
 if [ -f guest/Makefile ]; then
   make -s -C guest
 fi
+# the QEMU driver's default guest: Debian's cloud kernel + a static PID 1, in .cache/linux-guest
+# (docs/guest-linux.md); installs qemu-system-x86 and cpio if missing
+if [ -f guest-linux/build.sh ]; then
+  guest-linux/build.sh
+fi
 # the VMM's ioctl batch runner (docs/vmm.md); without it the VMM runs the same batches in Python
 so=src/luo/vmm/kvm/_ioctl_batch.so
 if [ ! -f "$so" ] || [ csrc/ioctl_batch.c -nt "$so" ]; then
