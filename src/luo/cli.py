@@ -125,7 +125,7 @@ def cmd_kho_dump(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from luo.demo import run_demo
 
-    return run_demo(args.mem, args.cpus, args.updates, args.runtime_dir)
+    return run_demo(args.mem, args.cpus, args.updates, args.runtime_dir, qemu=not args.no_qemu)
 
 
 def cmd_qualify(args: argparse.Namespace) -> int:
@@ -192,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then draw the update's timeline into FILE (.svg or .png; needs luo[plot])")
     s = add("status", cmd_status, "show state, preserved fds, sessions and VMs")
     s.add_argument("--json", action="store_true")
-    dm = add("demo", cmd_demo, "the main job: a VM under load live-updated N times, blackouts reported")
+    dm = add("demo", cmd_demo, "the main job: VMs under load (ours and a QEMU one) live-updated N times, "
+             "blackouts reported")
     dm.add_argument("--mem", default="1G")
     dm.add_argument("--cpus", type=int, default=2)
     dm.add_argument("--updates", type=int, default=5)
+    dm.add_argument("--no-qemu", action="store_true", help="only our VMM's guest, no QEMU VM")
     q = add("qualify", cmd_qualify, "qualify live update from one installation of luo to another")
     q.add_argument("--from", dest="from_cmd", default=None, metavar="CMD",
                    help="the luo command of the installation to update from (default: this one)")
