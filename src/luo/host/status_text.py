@@ -56,7 +56,9 @@ def format_status(st: dict[str, Any]) -> str:
         out.append(f"vms ({len(vms)}):")
         for vm in vms:
             why = (vm.get("guest") or {}).get("why")
-            out.append(f"  {vm['name']:<12} {guest_state(vm):<14} VMM pid {vm['pid']:<7} session {vm['session']}  "
+            kind = vm.get("vmm", "luo")
+            qemu = f" (QEMU pid {vm['qemu_pid']})" if vm.get("qemu_pid") else ""
+            out.append(f"  {vm['name']:<12} {guest_state(vm):<14} {kind} VMM pid {vm['pid']:<7}{qemu} session {vm['session']}  "
                        f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}"
                        + (f"  ({why})" if why else ""))
     dev = st.get("device")
