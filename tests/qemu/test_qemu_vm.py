@@ -34,8 +34,8 @@ def _needs_qemu_and_guest() -> None:
 def qemu_host(short_dir: Path) -> Iterator[Callable[..., HostProcess]]:
     hosts: list[HostProcess] = []
 
-    def start(*vms: tuple[str, str]) -> HostProcess:
-        h = HostProcess(short_dir / "rt", {"LUO_ALLOW_FAULTS": "1"}).start()
+    def start(*vms: tuple[str, str], faults: str = "") -> HostProcess:
+        h = HostProcess(short_dir / "rt", {"LUO_ALLOW_FAULTS": "1", "LUO_FAULTS": faults}).start()
         hosts.append(h)
         for name, kind in vms:
             if kind == "qemu":
@@ -130,6 +130,22 @@ def test_successor_qemu_dead_at_the_switch_gives_the_guest_back(qemu_host) -> No
     assert after["qemu_pid"] == before["qemu_pid"], (before, after)
     assert r["new_pid"] != before["pid"]
     more_beats(con, 3)
+    errors = check_continuity(con.heartbeats(), HB_MS, 5000)
+    assert not errors, errors
+
+
+def test_a_migration_that_fails_half_way_gives_the_guest_back(qemu_host) -> None:  # noqa: ANN001
+    """The successor QEMU is alive and has part of the stream when the migration fails: the old
+    QEMU resumes the guest, after its successor is gone."""
+    host = qemu_host(("q", "qemu"), faults="qemu-migration-cancelled")
+    before = vm_of(host, "q")
+    con = host.console("q")
+    host.update()
+    host.luo("finish")
+    wait_for(lambda: vm_of(host, "q")["state"] == "running", 30, "the VM registered again")
+    assert vm_of(host, "q")["qemu_pid"] == before["qemu_pid"]
+    more_beats(con, 3)
+    assert "migration" in (host.rt.vm_dir("q") / "vmm.log").read_text()  # the fallback said why
     errors = check_continuity(con.heartbeats(), HB_MS, 5000)
     assert not errors, errors
 

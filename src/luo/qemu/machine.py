@@ -32,6 +32,7 @@ from typing import Any
 
 from luo.abi import QEMU_STATE_RECORD_FORMAT
 from luo.errors import LuoError
+from luo.host import faults
 from luo.qemu.console import ConsoleRelay
 from luo.qemu.qmp import Qmp
 
@@ -220,7 +221,13 @@ class QemuMachine:
         record written to the state memfd says what moved."""
         t0 = time.perf_counter()
         since = len(self.qmp.events)
+        cancel = faults.enabled("qemu-migration-cancelled")
+        if cancel:  # slow enough to be caught half way, every time
+            self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 4096})
         self.qmp.execute("migrate", {"uri": self.migrate_uri})
+        if cancel:
+            self._migration_until("active", since)
+            self.qmp.execute("migrate_cancel")
         status = self._migration_end(since)
         info = self.qmp.execute("query-migrate") or {}
         if status != "completed":
@@ -233,6 +240,14 @@ class QemuMachine:
                   "stop_wall_ns": stop.wall_ns if stop else None}
         self.timings["save"] = round((time.perf_counter() - t0) * 1000, 3)
         return json.dumps(record).encode()
+
+    def _migration_until(self, wanted: str, since: int) -> None:
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        while True:
+            ev = self.qmp.wait_event("MIGRATION", max(0.0, deadline - time.monotonic()), since)
+            since = self.qmp.events.index(ev) + 1
+            if ev.data.get("status") == wanted:
+                return
 
     def _migration_end(self, since: int) -> str:
         deadline = time.monotonic() + MIGRATE_TIMEOUT
