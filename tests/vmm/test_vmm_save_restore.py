@@ -14,6 +14,7 @@ import re
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,30 @@ def booted(elf: Path, sink: MemoryConsoleSink, ncpus: int = 2) -> Vm:
     return vm
 
 
+class VmPair:
+    """A booted VM and, once a test makes it, its successor: both stopped whatever the test does."""
+
+    def __init__(self, old: Vm) -> None:
+        self.old = old
+        self.new: Vm | None = None
+
+
+@contextmanager
+def vm_pair(elf: Path, sink: MemoryConsoleSink, ncpus: int = 2) -> Iterator[VmPair]:
+    pair = VmPair(booted(elf, sink, ncpus))
+    try:
+        yield pair
+    finally:
+        pair.old.stop()
+        if pair.new is not None:
+            pair.new.stop()
+
+
+def successor_of(old: Vm, sink: MemoryConsoleSink) -> Vm:
+    """A fresh VM around old's RAM (what a successor VMM builds at warm-up)."""
+    return Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+
+
 def last_count(sink: MemoryConsoleSink) -> int:
     return max(int(m[1], 16) for m in map(COUNT.match, sink.lines) if m)
 
@@ -126,7 +151,7 @@ def restore_and_compare(old: Vm, rec: bytes, sink: MemoryConsoleSink) -> Vm:
     """A fresh VM around old's RAM, restored from rec; its state must equal old's (old paused)."""
     before = snapshot(old)
     clock0, t0 = clock_ns(old), time.monotonic_ns()
-    new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+    new = successor_of(old, sink)
     new.restore(rec)
     after = snapshot(new)
     clock1, t1 = clock_ns(new), time.monotonic_ns()
@@ -149,9 +174,8 @@ def switch_over(old: Vm, new: Vm, sink: MemoryConsoleSink) -> int:
 
 def test_roundtrip_gives_identical_state(counter_elf: Path, runner: str) -> None:
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+3$", 10)
         assert sink.wait_for(r"^ap1 ", 10)
         old.pause()
@@ -163,41 +187,31 @@ def test_roundtrip_gives_identical_state(counter_elf: Path, runner: str) -> None
             assert probe._restore_plan.matches(rec) is not None  # another name, same shape: prepared
         finally:
             probe.stop()
-        new = restore_and_compare(old, rec, sink)
+        new = pair.new = restore_and_compare(old, rec, sink)
         assert new._restore_plan.batch.cext == (runner == "c")
         n = switch_over(old, new, sink)
         assert sink.wait_for(r"^ap1 ", 10, start=n)
         assert new.stop_reason is None
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def test_v1_record_restores(counter_elf: Path, runner: str) -> None:
     """A record of the previous format (version 1), as an older VMM writes it, still restores."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+2$", 10)
         old.pause()
         rec = old.save(version=1)
         assert struct.unpack_from("<I", rec, 8)[0] == 1 and rec[16:17] == b"{"
-        new = restore_and_compare(old, rec, sink)
+        new = pair.new = restore_and_compare(old, rec, sink)
         switch_over(old, new, sink)
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def test_saved_twice_and_resumed_between(counter_elf: Path, runner: str) -> None:
     """Saving does not disturb the saver: pause, save, resume, pause, save again, restore the second."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+2$", 10)
         old.pause()
         first = old.save()
@@ -207,11 +221,7 @@ def test_saved_twice_and_resumed_between(counter_elf: Path, runner: str) -> None
         old.pause()
         second = old.save()
         assert first != second  # the guest ran between them (the partial console lines may differ in length)
-        new = restore_and_compare(old, second, sink)
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
+        pair.new = restore_and_compare(old, second, sink)
 
 
 def reshaped(rec: bytes, drop_msr: int) -> bytes:
@@ -234,15 +244,14 @@ def reshaped(rec: bytes, drop_msr: int) -> bytes:
 def test_record_of_another_shape_restores(counter_elf: Path, runner: str) -> None:
     """A record whose layout differs from the prepared one (one MSR fewer) gets a plan built on the spot."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+2$", 10)
         old.pause()
         drop = K.MSR_MTRR_DEF_TYPE
         rec = reshaped(old.save(), drop)
         before = snapshot(old)
-        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new = pair.new = successor_of(old, sink)
         prepared = new._restore_plan
         built: list[saveplan.RestorePlan] = []
         orig_init = saveplan.RestorePlan.__init__
@@ -262,10 +271,6 @@ def test_record_of_another_shape_restores(counter_elf: Path, runner: str) -> Non
         assert after["vcpu0.msrs"].pop(drop) != before["vcpu0.msrs"].pop(drop)
         assert_same(before, after)
         switch_over(old, new, sink)
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def test_unknown_versions_refused(counter_elf: Path) -> None:
@@ -279,7 +284,7 @@ def test_unknown_versions_refused(counter_elf: Path) -> None:
             (rec[:8] + struct.pack("<I", 3) + rec[12:], errno.EPROTO, "record version 3 is unknown"),
             (rec[:-1], errno.EINVAL, "past the end"),
         ):
-            new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+            new = successor_of(old, sink)
             try:
                 with pytest.raises(LuoError) as ei:
                     new.restore(bad)
@@ -291,7 +296,7 @@ def test_unknown_versions_refused(counter_elf: Path) -> None:
         i = next(k for k, t in enumerate(table) if t[0] == "vcpu1")
         hdr_off = 16 + 18 + len(meta["name"]) + 28 * i + 16
         bad = rec[:hdr_off] + struct.pack("<I", 9) + rec[hdr_off + 4 :]
-        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new = successor_of(old, sink)
         try:
             with pytest.raises(LuoError) as ei:
                 new.restore(bad)
@@ -367,9 +372,8 @@ def test_armed_deadline_and_moved_tsc_offset_restored(counter_elf: Path, runner:
     offset other than the fresh vCPU's are both carried over (they are skipped only when 0 /
     equal, which is what the fast path relies on)."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+2$", 10)
         old.pause()
         v = old.vcpus[1]
@@ -389,17 +393,13 @@ def test_armed_deadline_and_moved_tsc_offset_restored(counter_elf: Path, runner:
         before = snapshot(old)
         assert before["vcpu1.msrs"][K.MSR_IA32_TSC_DEADLINE] != 0
         moved = before["vcpu1.tsc_offset"] != old.vcpus[1].state.tsc_offset_at_create
-        new = restore_and_compare(old, old.save(), sink)
+        new = pair.new = restore_and_compare(old, old.save(), sink)
         b = new._restore_plan.batch
         assert b.ran(new._restore_plan.vcpu_ops[1].deadline_op)
         assert not b.ran(new._restore_plan.vcpu_ops[0].deadline_op)  # vcpu0's is 0: nothing to set
         tsc_ran = [b.ran(i) for i, o in enumerate(b.ops) if o.name == "vcpu1 KVM_SET_DEVICE_ATTR(TSC_OFFSET)"]
         assert tsc_ran in ([moved], [])
         assert not any(b.ran(r.cpuid_op) for r in new._restore_plan.vcpu_ops)  # equal to the one set at creation
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def ioctl_ok(fd: int, req: int, arg: C.Structure) -> bool:
@@ -430,14 +430,13 @@ def test_record_cpuid_differing_from_the_successors_is_set(counter_elf: Path, ru
     """The guest keeps the CPUID it was saved with even if the successor computed another one,
     and the successor's next save carries it on (prepared path: same layout, other bytes)."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+2$", 10)
         old.pause()
         kvm_features = 0x40000001
         rec = with_cpuid_changed(old.save(), 1, kvm_features, 1)  # KVM_FEATURE_CLOCKSOURCE off on vCPU 1
-        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new = pair.new = successor_of(old, sink)
         assert new._restore_plan.matches(rec) is not None
         new.restore(rec)
         ops = new._restore_plan.vcpu_ops
@@ -454,24 +453,19 @@ def test_record_cpuid_differing_from_the_successors_is_set(counter_elf: Path, ru
         off = next(o for n_, _, o, _ in table if n_ == "vcpu1")
         c2 = base + off + vcpu_state.V2_FIXED
         assert again[c2 : c2 + len(want)] == want
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def test_kvmclock_restored_on_a_kernel_that_wants_only_realtime(counter_elf: Path) -> None:
     """Without passthrough (a kernel that refuses KVM_GET_CLOCK's other flags on SET) the clock is
     set from a scratch struct with only KVM_CLOCK_REALTIME, as version 1 did; same result."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+1$", 10)
         assert old.clock.passthrough  # this machine's kernel (6.x) takes them
         old.pause()
         rec = old.save()
-        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new = pair.new = successor_of(old, sink)
         new.clock.passthrough = False
         new._restore_plan = saveplan.RestorePlan(new, new._save_plan.layout)
         new._restore_plan.expect_own_shape(new._save_plan)
@@ -484,10 +478,6 @@ def test_kvmclock_restored_on_a_kernel_that_wants_only_realtime(counter_elf: Pat
         assert 0 <= clock1 - clock0 <= (t1 - t0) + 50_000_000
         flags = struct.unpack_from("<I", b.view, clock_op.off + 8)[0]
         assert flags == K.KVM_CLOCK_REALTIME
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def test_msr_refused_by_kvm_is_skipped_and_the_rest_set(counter_elf: Path, runner: str,
@@ -495,9 +485,8 @@ def test_msr_refused_by_kvm_is_skipped_and_the_rest_set(counter_elf: Path, runne
     """KVM_SET_MSRS stops at an MSR it refuses: the batch logs it, sets the MSRs after it, and
     goes on with the rest of the restore (as version 1 did)."""
     sink = MemoryConsoleSink()
-    old = booted(counter_elf, sink)
-    new: Vm | None = None
-    try:
+    with vm_pair(counter_elf, sink) as pair:
+        old = pair.old
         assert sink.wait_for(r"^count 0+2$", 10)
         old.pause()
         msr = 0x200  # MTRRphysBase0, in the middle of the saved MSRs: given a value a fresh vCPU has not
@@ -511,7 +500,7 @@ def test_msr_refused_by_kvm_is_skipped_and_the_rest_set(counter_elf: Path, runne
         m = base + off + vcpu_state.V2_FIXED + cpuid_len + 8
         entries = [struct.unpack_from("<I", rec, m + 16 * i)[0] for i in range(nmsrs)]
         before = snapshot(old)
-        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new = pair.new = successor_of(old, sink)
         fresh = snapshot(new)["vcpu0.msrs"]
         bad = entries.index(msr)
         assert 0 < bad < nmsrs - 1 and before["vcpu0.msrs"][msr] == 0x6 != fresh[msr]
@@ -522,10 +511,6 @@ def test_msr_refused_by_kvm_is_skipped_and_the_rest_set(counter_elf: Path, runne
         after = snapshot(new)
         assert after["vcpu0.msrs"].pop(msr) == fresh[msr] != before["vcpu0.msrs"].pop(msr)
         assert_same(before, after)  # everything after the refused MSR was set, and the rest restored
-    finally:
-        old.stop()
-        if new is not None:
-            new.stop()
 
 
 def rebuilt(rec: bytes, vcpu: int, payload: bytes) -> bytes:
@@ -577,7 +562,7 @@ def test_foreign_cpuid_is_kept_by_the_next_save(counter_elf: Path, runner: str, 
             want = struct.pack("<II", nent - 1, 0) + p[f + 8 : f + cpuid_len - 40]
             head = vcpu_state.V2_HEAD.pack(flags, len(want), nmsrs, 0)
             rec = rebuilt(rec, 1, head + p[len(head) : f] + want + p[f + cpuid_len :])
-        new = Vm.create("t2", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)
+        new = successor_of(old, sink)
         third = Vm.create("t3", old.mem_bytes, old.ncpus, memfd=old.memfd, console=sink)  # before old closes it
         new.restore(rec)
         cpuid0 = old.vcpus[0].state.cpuid
