@@ -24,6 +24,9 @@ fi
 if [ -f guest-linux/build.sh ]; then
   guest-linux/build.sh
 fi
+# QEMU 10 from bookworm-backports, unpacked into .cache/qemu-10 (not installed), for the QEMU
+# driver's cpr-transfer mode; best effort (docs/qemu.md)
+scripts/qemu-backports.sh
 # the VMM's ioctl batch runner (docs/vmm.md); without it the VMM runs the same batches in Python
 so=src/luo/vmm/kvm/_ioctl_batch.so
 if [ ! -f "$so" ] || [ csrc/ioctl_batch.c -nt "$so" ]; then

@@ -79,7 +79,14 @@ def format_update(r: dict[str, Any]) -> str:
         lines += [f"  reboot: NOT DONE by {e}" for e in r.get("reboot_errors", [])]
     for name, vm in sorted(r.get("vms", {}).items()):
         parts = ", ".join(f"{k} {v:.2f}" for k, v in vm.get("parts_ms", {}).items())
-        lines.append(f"  vm {name}: blackout {vm['blackout_ms']:.2f} ms ({parts})")
+        line = f"  vm {name}: blackout {vm['blackout_ms']:.2f} ms ({parts})"
+        mig = vm.get("migration")
+        if isinstance(mig, dict):  # a QEMU VM: its mode, QEMU's own STOP -> RESUME, what moved
+            qmp = vm.get("qmp_blackout_ms")
+            line += (f"; QEMU {mig.get('mode', 'x-ignore-shared')}"
+                     + (f", STOP->RESUME {qmp:.2f} ms" if isinstance(qmp, (int, float)) else "")
+                     + f", {mig.get('bytes', 0)} bytes moved")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -75,7 +75,8 @@ def _demo(host: HostProcess, mem: str, cpus: int, updates: int, integrity_pct: i
             bl = vm.get("qmp_blackout_ms", vm["blackout_ms"])
             blackouts[n].append(bl)
             parts = ", ".join(f"{k} {v:.2f}" for k, v in vm["parts_ms"].items())
-            moved = f"; {vm['migration']['bytes']} bytes of device state moved" if "migration" in vm else ""
+            moved = (f"; {vm['migration'].get('mode', 'x-ignore-shared')}, {vm['migration']['bytes']} bytes of "
+                     "device state moved") if "migration" in vm else ""
             print(f"   vm {n}: blackout {bl:.2f} ms ({parts}){moved}")
         host.luo("finish")
         for n, con in cons.items():

@@ -24,8 +24,8 @@ The update hands its faults to the processes it starts (successor host, successo
 - ``vmm-successor-fail-warm``: a successor VMM cannot build its VM at prepare.
 - ``qemu-successor-dies``: the successor QEMU of a QEMU VM is killed right after it started, so the
   migration of the switch fails and the old QEMU must take the guest back.
-- ``qemu-migration-cancelled``: the old QEMU VMM cancels the switch's migration half way (slowed
-  down to be caught while active); the old QEMU must take the guest back. Read from the VMM's
+- ``qemu-migration-cancelled``: the old QEMU VMM cancels the switch's migration half way (held
+  before the switchover by QEMU's ``pause-before-switchover``); the old QEMU must take the guest back. Read from the VMM's
   environment (``LUO_FAULTS`` of the host that started it).
 - ``vmm-successor-stall-restore``: a successor VMM writes ``<vm dir>/successor.stalled`` before restoring
   and waits, so a test can kill it during restore.

@@ -57,7 +57,8 @@ def format_status(st: dict[str, Any]) -> str:
         for vm in vms:
             why = (vm.get("guest") or {}).get("why")
             kind = vm.get("vmm", "luo")
-            qemu = f" (QEMU pid {vm['qemu_pid']})" if vm.get("qemu_pid") else ""
+            mode = f", last switch {vm['mode']}" if isinstance(vm.get("mode"), str) else ""
+            qemu = f" (QEMU pid {vm['qemu_pid']}{mode})" if vm.get("qemu_pid") else ""
             out.append(f"  {vm['name']:<12} {guest_state(vm):<14} {kind} VMM pid {vm['pid']:<7}{qemu} session {vm['session']}  "
                        f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}"
                        + (f"  ({why})" if why else ""))

@@ -64,4 +64,4 @@ class QemuVmmDriver(ProcessVmmDriver):
         return [*argv, "--qemu", qemu] if qemu else argv
 
     def describe(self, vm: VmEntry) -> dict[str, Any]:
-        return {k: vm.info[k] for k in ("qemu", "kernel", "accel", "machine", "qemu_pid") if k in vm.info}
+        return {k: vm.info[k] for k in ("qemu", "kernel", "accel", "machine", "qemu_pid", "cpr", "mode") if k in vm.info}

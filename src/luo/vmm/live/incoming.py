@@ -171,11 +171,13 @@ def _build_machine(runtime: RuntimeDir, name: str, mem: int, cpus: int, ram_fd: 
     QEMU binary is this installation's (``LUO_QEMU``, set by ``luo vmm successor --qemu``), or the
     one the VM ran on."""
     if info.get("vmm") == "qemu":
-        from luo.qemu.machine import QemuConfig, QemuMachine
+        from luo.qemu.machine import QemuConfig, QemuMachine, choose_mode
 
         config = QemuConfig.from_info(info, os.environ.get("LUO_QEMU") or None)
-        vm = QemuMachine.incoming(name, mem, cpus, ram_fd, runtime.vm_dir(name), config)
-        info.update(qemu=config.qemu, qemu_pid=vm.proc.pid)  # what this VMM registers with, after the switch
+        mode = choose_mode(info, config.qemu)
+        vm = QemuMachine.incoming(name, mem, cpus, ram_fd, runtime.vm_dir(name), config, mode)
+        # what this VMM registers with, after the switch (cpr: whether its QEMU can send cpr-transfer)
+        info.update(qemu=config.qemu, qemu_pid=vm.proc.pid, cpr=config.cpr, mode=mode)
         if faults.enabled("qemu-successor-dies"):  # its QEMU gone before the migration: the switch must fall back
             os.kill(vm.proc.pid, signal.SIGKILL)
         return vm  # type: ignore[return-value]
@@ -257,7 +259,8 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
         raise vs.unhandled(end, action)
     link = HostLink(runtime, name)
     send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(), **ours,
-                  "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)}})
+                  "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)},
+                  **({"qemu_mode": info["mode"]} if info.get("vmm") == "qemu" else {})})
     warm_end = time.monotonic_ns()
 
     gc.collect()

@@ -271,6 +271,13 @@ class RunningVmm:
         except LuoError as e:  # the guest never stopped: drop the successor, and the prepare fails
             self._drop_successor()
             raise LuoError(e.errno, f"successor VMM for {self.vm.name} refused: {e.message}") from None
+        use_mode = getattr(self.vm, "use_mode", None)
+        if use_mode is not None:  # a QEMU VM: migrate the way the successor's QEMU waits for it
+            try:
+                use_mode(reply.get("qemu_mode", "x-ignore-shared"))  # a successor before modes: that one
+            except LuoError as e:  # outside the blackout: drop the successor, the guest runs on
+                self._drop_successor()
+                raise LuoError(e.errno, f"successor VMM for {self.vm.name}: {e.message}") from None
         ch.settimeout(None)
         gc.disable()  # no collection pause inside the coming blackout (no collect now: it would hold
         # the GIL that the running vCPU threads need for every exit)
