@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,9 @@ class QemuMachine:
     mode: str = MODE_SHARED  # the mode of the coming (old QEMU) or the incoming (successor) migration
     live_switch: bool = False  # a successor waits: save migrates the running guest, QEMU stops it
     set_up_pending: bool = False  # a cpr-transfer successor's migration set-up, done after the resume
+    watcher: threading.Thread | None = None  # a cpr-transfer successor: connects as soon as QMP exists
+    watch_error: LuoError | None = None
+    unwatch: threading.Event = field(default_factory=threading.Event)
 
     kind = "qemu"
 
@@ -198,6 +202,8 @@ class QemuMachine:
         try:
             if incoming == MODE_CPR:  # it blocks on the cpr channel: no QMP until the migration starts
                 m._wait_listening(vdir / "cpr.sock")
+                m.watcher = threading.Thread(target=m._connect_when_up, name="qmp-watch", daemon=True)
+                m.watcher.start()
             else:
                 m._connect()
         except LuoError as e:
@@ -213,6 +219,21 @@ class QemuMachine:
                                   START_TIMEOUT)
         if set_up:
             self._require_shared_migration()
+
+    def _connect_when_up(self) -> None:
+        """A cpr-transfer successor's QMP and console appear once its QEMU has read the cpr state,
+        at the start of the migration, while the guest still runs on the old QEMU; connecting then,
+        not after the migration, keeps both connects out of the blackout (restore joins this)."""
+        qmp = self.vdir / f"qmp-{self.tag}.sock"
+        while not qmp.exists():
+            if self.unwatch.wait(0.002) or self.proc.poll() is not None:
+                self.watch_error = LuoError(errno.ECHILD, f"QEMU pid {self.proc.pid} exited or was stopped "
+                                            "before it read the cpr state")
+                return
+        try:
+            self._connect(set_up=False)
+        except LuoError as e:
+            self.watch_error = e
 
     def _wait_listening(self, path: Path) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -367,9 +388,12 @@ class QemuMachine:
         if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
             raise LuoError(errno.EPROTO, f"the QEMU VM's state record is not {RECORD_FORMAT}")
         self.last_migration = {k: rec.get(k) for k in ("mode", "bytes", "total_time_ms", "downtime_ms", "stop_wall_ns")}
-        late = self.monitor is None
-        if late:  # cpr-transfer: QMP and the console exist now that the cpr state is in
-            self._connect(set_up=False)
+        late = self.watcher is not None
+        if self.watcher is not None:  # cpr-transfer: connected (or connecting) since the migration started
+            self.watcher.join(MIGRATE_TIMEOUT)
+            self.watcher = None
+            if self.watch_error is not None or self.monitor is None:
+                raise self.watch_error or LuoError(errno.ETIMEDOUT, f"QEMU pid {self.proc.pid}: no QMP in time")
         deadline = time.monotonic() + MIGRATE_TIMEOUT
         while True:
             status = (self.qmp.execute("query-status") or {}).get("status")
@@ -392,6 +416,9 @@ class QemuMachine:
 
     def stop(self) -> None:
         """Quit QEMU and wait for it (killed if it does not go)."""
+        self.unwatch.set()
+        if self.watcher is not None:
+            self.watcher.join(START_TIMEOUT)
         if self.proc.poll() is None:
             try:
                 self.qmp.execute("quit", timeout=2.0)
