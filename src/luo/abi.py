@@ -55,6 +55,11 @@ LUO_COMPATIBLE = "luo-v1"  # /LUO
 SUBSYSTEMS_COMPATIBLE = "subsystems-v1"  # /LUO/subsystems
 FILE_DESCRIPTORS_COMPATIBLE = "file-descriptors-v1"  # /LUO/file-descriptors (RFC v2 global table)
 LUO_SESSION_COMPATIBLE = "luo-session-v2"  # /LUO/luo-session (6.19 sessions)
+# /preserved-memory-map/pool-map: the memory pool's map (luo.pool.memmap; docs/pool.md). A child of
+# the memory map under a compatible of its own: a tree without a pool is exactly kho-memory-map-v1
+# as before, and a successor that does not know pools refuses a tree with one at prepare by this
+# string (EOPNOTSUPP), before the parser ever meets the unknown child.
+POOL_MAP_COMPATIBLE = "luo-pool-map-v1"
 
 # Every compatible of the tree itself (not the file handlers'): what a successor must know to
 # read a tree at all.
@@ -65,6 +70,7 @@ TREE_COMPATIBLES: frozenset[str] = frozenset({
     SUBSYSTEMS_COMPATIBLE,
     FILE_DESCRIPTORS_COMPATIBLE,
     LUO_SESSION_COMPATIBLE,
+    POOL_MAP_COMPATIBLE,
 })
 
 # == File handlers (luo.handlers; docs/handlers.md) ===============================================
@@ -88,6 +94,18 @@ HANDLER_COMPATIBLES: frozenset[str] = frozenset({MEMFD_COMPATIBLE, SOCKET_LISTEN
 # older successor reading it.
 
 VMM_SUBSYSTEM = "vmm"  # u64: how many VMs crossed. Read by nobody: each VM's own session carries it
+POOL_SUBSYSTEM = "pool"  # u64: the pool's size in bytes, checked against its record (the pool-map node)
+
+# == The memory pool (luo.pool; docs/pool.md) ======================================================
+#
+# The pool's memfd crosses as a memfd-v1 file of the host's own session POOL_SESSION (token 0); its
+# map is the tree's pool-map node (above). The end-label area (the last 128 KiB of a pool started
+# with ``--labels end``) is read by whichever luo comes next, and by nothing else: bump
+# POOL_LABEL_FORMAT on any change to a copy's layout; a luo that meets a format it does not know
+# refuses to read the labels (EINVAL), and the pool's shards stay as they are.
+POOL_SESSION = "luo:pool"
+POOL_LABEL_MAGIC = b"LUOLABEL"
+POOL_LABEL_FORMAT = 1
 
 # == Host to host: the handover messages (luo.host.handover, successor_link, successor) ===========
 #

@@ -117,7 +117,7 @@ def test_node_contents() -> None:
     owner0 = reader.props(reader.child(node, "owner@0"))
     assert owner0["owner"] == b"client:123\0"  # owners in name order
     web1 = reader.props(reader.child(node, "owner@2"))
-    assert struct.unpack(">4Q", web1["ranges"]) == (2 * G, 2 * G, 4 * G, 4 * M)  # big-endian pairs
+    assert struct.unpack(">4Q", web1["extents"]) == (2 * G, 2 * G, 4 * G, 4 * M)  # big-endian pairs
 
 
 def test_bitmaps_are_per_order_bits_over_the_whole_pool() -> None:
@@ -163,7 +163,7 @@ def test_dtc_decodes_the_node() -> None:
     assert "pool-map {" in out and 'compatible = "luo-pool-map-v1";' in out
     assert 'owner = "vm:web1";' in out and 'owner = "client:123";' in out
     assert 'layout = "8G:hugetlb shards=2M:devdax,1G:fsdax:1G labels=end";' in out
-    assert "ranges = <0x00 0x80000000 0x00 0x80000000 0x01 0x00 0x00 0x400000>;" in out  # readable cells
+    assert "extents = <0x00 0x80000000 0x00 0x80000000 0x01 0x00 0x00 0x400000>;" in out  # readable cells
 
 
 # -- the writer refuses what the parser would ---------------------------------------------------
@@ -246,21 +246,21 @@ HOSTILE: list[tuple[str, Callable[[libfdt.Fdt], None], str]] = [
     ("fd-index size", setprop(N, "fd-index", b"\0\0\0\0\0\0\0\0"), "a u32 is 4"),
     ("bitmap length", setprop(f"{N}/order@18", "bitmap", bytes(16)), "bitmap is 16 bytes long"),
     ("bits past the end", setprop(f"{N}/order@18", "bitmap", _u64(0b1100 | 1 << 8)), "past the end"),
-    ("ranges length", setprop(f"{N}/owner@0", "ranges", b"\0" * 15), "u64 pairs"),
-    ("ranges empty", setprop(f"{N}/owner@0", "ranges", b""), "u64 pairs"),
+    ("ranges length", setprop(f"{N}/owner@0", "extents", b"\0" * 15), "u64 pairs"),
+    ("ranges empty", setprop(f"{N}/owner@0", "extents", b""), "u64 pairs"),
     (
         "range past the pool",
-        setprop(f"{N}/owner@0", "ranges", _ranges(5 * G, (1 << 64) - 5 * G)),
+        setprop(f"{N}/owner@0", "extents", _ranges(5 * G, (1 << 64) - 5 * G)),
         "past the pool's end",
     ),
     (
         "range in a shard",
-        setprop(f"{N}/owner@0", "ranges", _ranges(0, 2 * M)),
+        setprop(f"{N}/owner@0", "extents", _ranges(0, 2 * M)),
         "outside the pool's general area",
     ),
-    ("range misaligned", setprop(f"{N}/owner@0", "ranges", _ranges(5 * G + M, 2 * M)), "not preserved whole"),
-    ("range of no length", setprop(f"{N}/owner@0", "ranges", _ranges(5 * G, 0)), "not preserved whole"),
-    ("ranges overlap", setprop(f"{N}/owner@0", "ranges", _ranges(4 * G + 4 * M, 2 * M)), "overlap"),
+    ("range misaligned", setprop(f"{N}/owner@0", "extents", _ranges(5 * G + M, 2 * M)), "not preserved whole"),
+    ("range of no length", setprop(f"{N}/owner@0", "extents", _ranges(5 * G, 0)), "not preserved whole"),
+    ("ranges overlap", setprop(f"{N}/owner@0", "extents", _ranges(4 * G + 4 * M, 2 * M)), "overlap"),
     ("owner NUL", setprop(f"{N}/owner@0", "owner", b"vm\0x\0"), "single NUL-terminated"),
     ("owner unprintable", setprop(f"{N}/owner@0", "owner", b"vm\x1b[2J\0"), "non-printable"),
     ("owner too long", setprop(f"{N}/owner@0", "owner", b"v" * 65 + b"\0"), "at most 64"),

@@ -24,15 +24,12 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from luo.abi import POOL_LABEL_FORMAT, POOL_LABEL_MAGIC
 from luo.errors import LuoError
 from luo.pool.extents import GRANULE, fmt_bytes, is_int
 from luo.pool.spec import LABEL_AREA_SIZE, SHARD_MODES, ShardMode, shard_name
 
-# Moves to luo.abi at integration. Bump POOL_LABEL_FORMAT on any change to the copy's layout or
-# to what a field means; a luo that meets a format it does not read refuses the pool's labels
-# (EINVAL) rather than misread another version's shards.
-LABEL_MAGIC = b"LUOLABEL"
-POOL_LABEL_FORMAT = 1
+LABEL_MAGIC = POOL_LABEL_MAGIC
 
 COPY_SIZE = LABEL_AREA_SIZE // 2
 PRIMARY_OFFSET = 0

@@ -6,7 +6,7 @@ It says what of the pool survives an update, and for whom. It holds both:
   across the whole pool, set if preserved. This is the kernel's own representation of preserved
   memory (KHO keeps a bitmap per order); it is what says which pages survive, and restore-once is
   checked against it: a page the bitmap does not hold was never preserved.
-- per owner, ``ranges`` (child ``owner@<n>``): for whom each preserved extent is, which a bitmap
+- per owner, ``extents`` (child ``owner@<n>``): for whom each preserved extent is, which a bitmap
   cannot say, and in a form a person reading ``dtc`` output can follow.
 
 The parser checks that the two agree bit for bit, so neither can be forged alone. Shards
@@ -16,19 +16,18 @@ marked in the order-9 bitmap too; extents come only from the general area, never
 ::
 
     pool-map {
-        compatible = "luo-pool-map-v1";
+        compatible = POOL_MAP_COMPATIBLE (luo.abi);
         size = <u64>; backing = "hugetlb"; layout = "8G:hugetlb shards=2G:devdax labels=none";
         labels = "none"; fd-index = <u32>; granule = <u64 0x200000>;
         order@9 { bitmap = [...]; };          // bit i = [i * 2M, (i + 1) * 2M) of the pool
-        owner@0 { owner = "vm:web1"; ranges = <offset length ...>; };
+        owner@0 { owner = "vm:web1"; extents = <offset length ...>; };
         shard@0 { shard-name = "shard0"; mode = "devdax"; offset = <u64>; size = <u64>; owner = ""; };
     };
 
 A shard's name is ``shard-name``, not ``name``: dtc insists that a ``name`` property equal the
 node's name. Integers are little-endian like every luo property (``luo.kho.encoding``), except
-``ranges``, which are big-endian u64 pairs, as in ``reg``, so ``dtc`` prints them as readable
-cells (it still warns, without ``-q``, that they are not the standard address-translation
-``ranges``). A bitmap is the kernel's ``unsigned long`` array on a little-endian host: bit i is
+``extents``, which are big-endian u64 pairs, as in ``reg``, so ``dtc`` prints them as readable
+cells (not called ``ranges``: dtc takes that for the standard address-translation property). A bitmap is the kernel's ``unsigned long`` array on a little-endian host: bit i is
 bit i % 8 of byte i // 8, padded with zero bits to whole u64 words.
 """
 
@@ -40,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from luo.abi import POOL_MAP_COMPATIBLE
 from luo.errors import LuoError
 from luo.kho.encoding import U32_MAX, unpack_u32, unpack_u64
 from luo.kho.parser import decode_string
@@ -57,18 +57,11 @@ from luo.pool.extents import (
 from luo.pool.labels import ShardLabel, check_name
 from luo.pool.spec import SHARD_MODES, Layout, ShardMode, parse_layout
 
-# Move to luo.abi at integration (with the tree's other compatibles). Bump POOL_MAP_COMPATIBLE
-# (luo-pool-map-v2) on any change to this node's properties, children or the meaning of a value;
-# a successor that does not know it refuses the update at prepare, as for any tree compatible.
-# POOL_COMPATIBLE is the file handler's compatible of the pool memfd (the handover fd that
-# ``fd-index`` names): bump it if what crosses with that fd changes.
-POOL_MAP_COMPATIBLE = "luo-pool-map-v1"
-POOL_COMPATIBLE = "luo-pool-v1"
 POOL_MAP_NODE = "pool-map"
 
 MAP_PROPS = frozenset({"compatible", "size", "backing", "layout", "labels", "fd-index", "granule"})
 ORDER_PROPS = frozenset({"bitmap"})
-OWNER_PROPS = frozenset({"owner", "ranges"})
+OWNER_PROPS = frozenset({"owner", "extents"})
 SHARD_PROPS = frozenset({"shard-name", "mode", "offset", "size", "owner"})
 _RANGE = struct.Struct(">QQ")
 _CHILD_RE = re.compile(r"(order|owner|shard)@(0|[1-9][0-9]{0,9})")
@@ -257,7 +250,7 @@ def write_pool_map(w: FdtWriter, m: PoolMap, name: str = POOL_MAP_NODE) -> None:
     for i, (owner, extents) in enumerate(_by_owner(m.extents)):
         w.begin(f"owner@{i}")
         w.string("owner", owner)
-        w.prop("ranges", b"".join(_RANGE.pack(e.offset, e.length) for e in extents))
+        w.prop("extents", b"".join(_RANGE.pack(e.offset, e.length) for e in extents))
         w.end()
     for i, s in enumerate(m.shards):
         w.begin(f"shard@{i}")
@@ -342,10 +335,10 @@ def _read_bitmaps(reader: FdtReader, kids: dict[int, Node], pool_size: int) -> d
 
 def _read_ranges(p: _Props, owner: str, bitmaps: dict[int, int], pool_size: int) -> list[Extent]:
     """An owner's ranges, each given the order whose bitmap holds it whole (1G first)."""
-    raw = p.get("ranges")
+    raw = p.get("extents")
     if not raw or len(raw) % _RANGE.size:
         raise bad(
-            f"property {p.path}:ranges is {len(raw)} bytes long; it holds one or more (offset, length) "
+            f"property {p.path}:extents is {len(raw)} bytes long; it holds one or more (offset, length) "
             "u64 pairs."
         )
     out: list[Extent] = []
