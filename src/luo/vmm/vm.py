@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from luo.errors import LuoError
 from luo.vmm import loader
@@ -45,7 +45,7 @@ def _ms(t0: float) -> float:
 
 
 class Vm:
-    """One guest. Public: name, ncpus, memfd, mem_bytes, timings, stopped, stop_reason, on_guest_stop.
+    """One guest. Public: name, ncpus, memfd, mem_bytes, extents, timings, stopped, stop_reason, on_guest_stop.
 
     ``on_guest_stop(reason)`` runs on the vCPU thread that saw the guest stop (shutdown, internal
     error, failed entry): keep it short; calling stop() from it is allowed.
@@ -86,8 +86,12 @@ class Vm:
         ncpus: int,
         memfd: int | None = None,
         console: ConsoleSink | None = None,
+        extents: Sequence[tuple[int, int]] | None = None,
     ) -> Vm:
-        """A VM with RAM (new memfd, or ``memfd`` untouched), devices and vCPUs, not yet running."""
+        """A VM with RAM (new memfd, or ``memfd`` untouched), devices and vCPUs, not yet running.
+
+        ``extents``: RAM is these ``(offset, length)`` pieces of ``memfd`` in this order (a memory
+        pool's allocation), not the memfd from offset 0; a successor passes the same ones."""
         if not 1 <= ncpus <= 255:
             raise LuoError(errno.EINVAL, f"a VM needs 1 to 255 vCPUs, not {ncpus}")
         install_kick_handler()
@@ -96,7 +100,7 @@ class Vm:
         vm = cls()
         vm.name, vm.ncpus = name, ncpus
         vm.console = console or StreamConsoleSink()
-        vm.mem = GuestMemory(name, mem_bytes, memfd)
+        vm.mem = GuestMemory(name, mem_bytes, memfd, extents)
         try:
             vm.fd = ioctl(kvm.fd, K.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             ioctl(vm.fd, K.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
@@ -130,6 +134,11 @@ class Vm:
     @property
     def mem_bytes(self) -> int:
         return self.mem.mem_bytes
+
+    @property
+    def extents(self) -> tuple[tuple[int, int], ...]:
+        """The (offset, length) pieces of the memfd that are guest RAM, in guest-physical order."""
+        return self.mem.extents
 
     # --- fresh boot ---
 

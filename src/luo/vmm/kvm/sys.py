@@ -25,8 +25,10 @@ _munmap = _libc.munmap
 _munmap.argtypes = [C.c_void_p, C.c_size_t]
 _munmap.restype = C.c_int
 
-PROT_READ, PROT_WRITE = 1, 2
-MAP_SHARED = 1
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
+MAP_SHARED, MAP_PRIVATE = 1, 2
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
 MAP_NORESERVE = 0x4000
 MAP_FAILED = C.c_void_p(-1).value
 
@@ -53,14 +55,37 @@ def ioctl_raw(fd: int, req: int, arg: Any = None) -> tuple[int, int]:
     return r, (C.get_errno() if r < 0 else 0)
 
 
-def mmap(fd: int, length: int, offset: int = 0, noreserve: bool = False) -> int:
-    """MAP_SHARED read/write mapping; returns the address (KVM memslots want a raw address)."""
-    flags = MAP_SHARED | (MAP_NORESERVE if noreserve else 0)
-    addr = _mmap(None, length, PROT_READ | PROT_WRITE, flags, fd, offset)
+def mmap(fd: int, length: int, offset: int = 0, noreserve: bool = False, at: int | None = None) -> int:
+    """MAP_SHARED read/write mapping; returns the address (KVM memslots want a raw address).
+
+    ``at``: MAP_FIXED there, replacing what was mapped (a range of a ``reserve()`` reservation),
+    so that pieces of a file can sit side by side in one contiguous host range."""
+    flags = MAP_SHARED | (MAP_NORESERVE if noreserve else 0) | (MAP_FIXED if at is not None else 0)
+    addr = _mmap(at, length, PROT_READ | PROT_WRITE, flags, fd, offset)
     if addr is None or addr == MAP_FAILED:
         e = C.get_errno()
-        raise LuoError(e or errno.ENOMEM, f"mmap of {length} bytes failed: {os.strerror(e)}")
+        where = f" at {at:#x}" if at is not None else ""
+        raise LuoError(e or errno.ENOMEM, f"mmap of {length} bytes at file offset {offset:#x}{where} failed: {os.strerror(e)}")
     return int(addr)
+
+
+def reserve(length: int, align: int) -> int:
+    """An inaccessible (PROT_NONE, no memory charged) range of ``length`` bytes starting on an
+    ``align`` boundary, to be filled with ``mmap(..., at=)``: hugetlb MAP_FIXED maps need a
+    huge-page-aligned address, and mmap only promises page alignment, so over-reserve by
+    ``align`` and give the slack at both ends back. munmap(addr, length) releases it all."""
+    total = length + align
+    base = _mmap(None, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if base is None or base == MAP_FAILED:
+        e = C.get_errno()
+        raise LuoError(e or errno.ENOMEM, f"reserving {total} bytes of address space failed: {os.strerror(e)}")
+    base = int(base)
+    start = (base + align - 1) // align * align
+    if start > base:
+        _munmap(base, start - base)
+    if base + total > start + length:
+        _munmap(start + length, base + total - (start + length))
+    return start
 
 
 def munmap(addr: int, length: int) -> None:
