@@ -15,7 +15,7 @@ import libfdt
 import pytest
 
 from luo.errors import LuoError
-from luo.kho.builder import _Writer
+from luo.kho.builder import TreeWriter
 from luo.kho.reader import FdtReader
 from luo.pool.extents import GIGA_ORDER, Allocator, Extent
 from luo.pool.labels import ShardLabel
@@ -47,7 +47,7 @@ def sample() -> PoolMap:
 
 
 def tree(m: PoolMap) -> bytes:
-    w = _Writer(4096)
+    w = TreeWriter(4096)
     w.begin("")
     w.string("compatible", "kho-v1")
     write_pool_map(w, m)

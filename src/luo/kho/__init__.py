@@ -8,12 +8,13 @@
 from luo.abi import TREE_COMPATIBLES
 from luo.kho.builder import build_tree
 from luo.kho.dts import to_dts
-from luo.kho.parser import check_compatibles, parse_tree, required_compatibles
+from luo.kho.parser import check_compatibles, parse_pool, parse_tree, required_compatibles
 
 __all__ = [
     "TREE_COMPATIBLES",
     "build_tree",
     "check_compatibles",
+    "parse_pool",
     "parse_tree",
     "required_compatibles",
     "to_dts",

@@ -7,6 +7,7 @@ layout is described in docs/kho.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import libfdt
 
@@ -16,8 +17,11 @@ from luo.kho import compat
 from luo.kho.encoding import node_name_for, pack_str, pack_u32, pack_u64
 from luo.kho.validate import META_PREFIX, validate
 
+if TYPE_CHECKING:
+    from luo.pool.memmap import PoolMap
 
-class _Writer:
+
+class TreeWriter:
     """FdtSw with bytes-valued properties only, so no value goes through SWIG's str coercion."""
 
     def __init__(self, size_hint: int) -> None:
@@ -55,12 +59,12 @@ def meta_value(value: str) -> bytes:
     return value.encode("utf-8", "backslashreplace").replace(b"\0", b"\\0") + b"\0"
 
 
-def _write_meta(w: _Writer, meta: dict[str, str]) -> None:
+def _write_meta(w: TreeWriter, meta: dict[str, str]) -> None:
     for key in sorted(meta):
         w.prop(META_PREFIX + key, meta_value(meta[key]))
 
 
-def _write_file(w: _Writer, f: FileRecord) -> None:
+def _write_file(w: TreeWriter, f: FileRecord) -> None:
     w.begin(str(f.token))
     w.string("compatible", f.compatible)
     w.u64("data", f.data)
@@ -70,7 +74,7 @@ def _write_file(w: _Writer, f: FileRecord) -> None:
     w.end()
 
 
-def _write_session(w: _Writer, s: SessionRecord) -> None:
+def _write_session(w: TreeWriter, s: SessionRecord) -> None:
     w.begin(node_name_for(s.name))
     w.string("session-name", s.name)
     _write_meta(w, s.meta)
@@ -79,7 +83,7 @@ def _write_session(w: _Writer, s: SessionRecord) -> None:
     w.end()
 
 
-def _write_luo(w: _Writer, luo: LuoRecord) -> None:
+def _write_luo(w: TreeWriter, luo: LuoRecord) -> None:
     w.begin(compat.LUO_NODE)
     w.string("compatible", abi.LUO_COMPATIBLE)
     w.u64("liveupdate-number", luo.liveupdate_number)
@@ -101,7 +105,7 @@ def _write_luo(w: _Writer, luo: LuoRecord) -> None:
     w.end()
 
 
-def _write_memory(w: _Writer, memory: Sequence[MemoryRange]) -> None:
+def _write_memory(w: TreeWriter, memory: Sequence[MemoryRange], pool: PoolMap | None) -> None:
     w.begin(compat.MEMORY_MAP_NODE)
     w.string("compatible", abi.KHO_MEMORY_MAP_COMPATIBLE)
     for m in memory:
@@ -110,21 +114,26 @@ def _write_memory(w: _Writer, memory: Sequence[MemoryRange]) -> None:
         w.u64("size", m.size)
         w.string("label", m.name)
         w.end()
+    if pool is not None:  # the pool's own map, under its own compatible (luo.abi)
+        from luo.pool.memmap import write_pool_map
+
+        write_pool_map(w, pool)
     w.end()
 
 
-def build_tree(luo: LuoRecord, memory: Sequence[MemoryRange] = ()) -> bytes:
+def build_tree(luo: LuoRecord, memory: Sequence[MemoryRange] = (), pool: PoolMap | None = None) -> bytes:
     """The handover as a DTB. Raises LuoError(EINVAL) if the records break a rule of the format.
+    ``pool``: the memory pool's map (luo.pool), a child of the preserved-memory map.
 
     Validation happens first, with the parser's own rules, so a tree that builds also parses.
     """
     validate(luo, memory)
     files = luo.all_files()
-    nodes = 8 + len(files) + len(luo.sessions) + len(memory)
-    w = _Writer(size_hint=2048 + 160 * nodes + 64 * sum(len(f.meta) for f in files))
+    nodes = 8 + len(files) + len(luo.sessions) + len(memory) + (8 + len(pool.extents) + len(pool.shards) if pool else 0)
+    w = TreeWriter(size_hint=2048 + 160 * nodes + 64 * sum(len(f.meta) for f in files))
     w.begin("")
     w.string("compatible", abi.KHO_COMPATIBLE)
-    _write_memory(w, memory)
+    _write_memory(w, memory, pool)
     _write_luo(w, luo)
     w.end()
     return w.finish()

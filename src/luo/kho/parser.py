@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from luo import abi
 from luo.core.handover import FileRecord, LuoRecord, MemoryRange, SessionRecord
@@ -18,6 +19,11 @@ from luo.kho import compat
 from luo.kho.encoding import node_name_for, unpack_u32, unpack_u64
 from luo.kho.reader import FdtReader, Node, bad
 from luo.kho.validate import FILE_PROPS, META_PREFIX, SESSION_PROPS, validate
+
+if TYPE_CHECKING:
+    from luo.pool.memmap import PoolMap
+
+POOL_MAP_NODE = "pool-map"  # luo.pool.memmap.POOL_MAP_NODE: the pool's map, a child of the memory map
 
 
 class _Props:
@@ -154,6 +160,8 @@ def _parse_memory(reader: FdtReader, node: Node) -> list[MemoryRange]:
     mp.only({"compatible"})
     out: list[MemoryRange] = []
     for c in reader.children(node):
+        if c.name == POOL_MAP_NODE:
+            continue  # the pool's map: parse_pool reads it
         p = _Props(reader, c)
         p.only({"fd-index", "size", "label"})
         if reader.children(c):
@@ -185,6 +193,21 @@ def parse_tree(
     except Exception as e:  # noqa: BLE001 - the promise is: only LuoError leaves this function
         raise bad(f"the handover tree is malformed ({type(e).__name__}: {e}).") from e
     return luo, memory
+
+
+def parse_pool(blob: bytes | bytearray | memoryview, fd_count: int | None = None) -> PoolMap | None:
+    """The memory pool's map in a tree (None: the host had no pool). Only LuoError(EINVAL) leaves."""
+    from luo.pool.memmap import parse_pool_map
+
+    try:
+        reader = FdtReader(blob)
+        mem = reader.child(reader.root, compat.MEMORY_MAP_NODE)
+        node = next((c for c in reader.children(mem) if c.name == POOL_MAP_NODE), None)
+    except LuoError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise bad(f"the handover tree is malformed ({type(e).__name__}: {e}).") from e
+    return None if node is None else parse_pool_map(reader, node, fd_count)
 
 
 def required_compatibles(blob: bytes | bytearray | memoryview) -> set[str]:

@@ -68,7 +68,7 @@ _CHILD_RE = re.compile(r"(order|owner|shard)@(0|[1-9][0-9]{0,9})")
 
 
 class FdtWriter(Protocol):
-    """What ``write_pool_map`` needs of a writer: ``luo.kho.builder._Writer`` has it."""
+    """What ``write_pool_map`` needs of a writer: ``luo.kho.builder.TreeWriter`` has it."""
 
     def begin(self, name: str) -> None: ...
     def end(self) -> None: ...
