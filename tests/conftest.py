@@ -36,3 +36,20 @@ def make_host(short_dir: Path) -> Iterator[Callable[..., HostProcess]]:
 @pytest.fixture
 def host(make_host: Callable[..., HostProcess]) -> HostProcess:
     return make_host()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hugepages_as_found() -> Iterator[None]:
+    """Pools of hugetlb pages raise vm.nr_hugepages, and hosts the tests kill (SIGKILL) never give
+    them back: the suite leaves the machine's huge pages as it found them."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        before = path.read_text().strip()
+    except OSError:
+        yield
+        return
+    yield
+    try:
+        path.write_text(before)
+    except OSError:
+        pass

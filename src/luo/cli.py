@@ -22,8 +22,18 @@ def _client(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_host(args: argparse.Namespace) -> int:
+    import os
+
     from luo.host.main import run_host
 
+    # the pool's configuration lives in the environment, which every successor host inherits
+    for flag, var in (("pool", "LUO_POOL"), ("shards", "LUO_POOL_SHARDS"), ("labels", "LUO_POOL_LABELS")):
+        if getattr(args, flag, None):
+            os.environ[var] = getattr(args, flag)
+    if args.successor is None and os.environ.get("LUO_POOL"):
+        from luo.pool.host import asked_layout
+
+        asked_layout()  # a bad --pool/--shards/--labels is refused here, before anything starts
     return run_host(args.runtime_dir, args.successor)
 
 
@@ -180,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = add("host", cmd_host, "run the host daemon (luod)")
     h.add_argument("--successor", type=int, default=None, help=argparse.SUPPRESS)
+    h.add_argument("--pool", default=None, metavar="SIZE[:hugetlb|:shmem]",
+                   help="a memory pool for guests (default backing hugetlb; env LUO_POOL)")
+    h.add_argument("--shards", default=None, metavar="SIZE:devdax|fsdax[:1G],...",
+                   help="carve the pool into shards, in this order (env LUO_POOL_SHARDS)")
+    h.add_argument("--labels", default=None, choices=("none", "end"),
+                   help="none: the command line is the layout; end: a label area at the pool's end "
+                        "(luo pool shard create/delete) (env LUO_POOL_LABELS)")
     r = add("run", cmd_run, "run a program that uses /dev/liveupdate, served by this host (no kexec needed)")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]")
     add("keeper", cmd_keeper, "hold preserved fds across a crash of luod (started by luod)")
@@ -230,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     from luo.observe.commands import add_observe_commands
 
     add_observe_commands(add)
+    from luo.cli_pool import add_pool_commands
     from luo.cli_vm import add_vm_commands
 
     add_vm_commands(sub)
+    add_pool_commands(sub)
     return p
 
 

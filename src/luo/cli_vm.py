@@ -23,7 +23,8 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         extra = {k: getattr(args, k) for k in ("kernel", "initrd", "append", "qemu", "accel")} \
             if args.vmm == "qemu" else {}
         reply, _ = c.call("vm_start", name=args.name, vmm=args.vmm, mem=args.mem, cpus=args.cpus, image=args.image,
-                          cmdline=args.cmdline, timeout=120.0, retry=False, **extra)
+                          cmdline=args.cmdline, timeout=120.0, retry=False, **extra,
+                          **({"no_pool": True} if args.no_pool else {}))
     vm = reply["vm"]
     print(f"vm {vm['name']} running: {vm.get('vmm', 'luo')} VMM pid {vm['pid']}, session {vm['session']}, "
           f"console {vm['console']}")
@@ -92,7 +93,11 @@ def cmd_vmm_run(args: argparse.Namespace) -> int:
         return run_qemu_vmm(args.runtime_dir, args.name, parse_size(args.mem), args.cpus, config)
     from luo.vmm.live.main import run_vmm
 
-    return run_vmm(args.runtime_dir, args.name, args.mem, args.cpus, args.image, args.cmdline)
+    extents = None
+    if args.pool_extents:
+        extents = [(int(o, 0), int(n, 0)) for o, n in (p.split("+") for p in args.pool_extents.split(","))]
+    return run_vmm(args.runtime_dir, args.name, args.mem, args.cpus, args.image, args.cmdline,
+                   args.pool_fd, extents)
 
 
 def cmd_vmm_successor(args: argparse.Namespace) -> int:
@@ -129,6 +134,8 @@ def add_vm_commands(sub: Any) -> None:
     s.add_argument("--cpus", type=int, default=2)
     s.add_argument("--image", default=None)
     s.add_argument("--cmdline", default=None)
+    s.add_argument("--no-pool", action="store_true",
+                   help="guest RAM in a memfd of its own even when the host has a memory pool")
     s = sp(vsub, "list", cmd_vm_list, "list VMs")
     s.add_argument("--json", action="store_true")
     s = sp(vsub, "stop", cmd_vm_stop, "stop a VM")
@@ -151,6 +158,8 @@ def add_vm_commands(sub: Any) -> None:
     r.add_argument("--cpus", type=int, default=2)
     r.add_argument("--image", default=None)
     r.add_argument("--cmdline", default=None)
+    r.add_argument("--pool-fd", type=int, default=None, help="the host's memory pool memfd (inherited)")
+    r.add_argument("--pool-extents", default=None, help="guest RAM as OFFSET+LENGTH,... of the pool")
     r = sp(msub, "successor", cmd_vmm_successor, None)
     r.add_argument("--name", required=True)
     r.add_argument("--channel", type=int, required=True)

@@ -92,6 +92,7 @@ class Host:
         self.waiters: list[Waiter] = []
         self.extensions: list[Any] = []
         self.vms: Any = None  # the VmSupervisor, once installed
+        self.pool: Any = None  # the memory pool (luo.pool.service.PoolService), when the host has one
         self.mirror: Any = None  # the Mirror into the fd store (luo.host.mirror), when there is one
         self.recovered: dict[str, Any] | None = None  # what a restart after a crash took back
         self.device: Conn | None = None  # the connection holding /dev/liveupdate (op open_device)
@@ -106,6 +107,22 @@ class Host:
         self.sel.register(listener, selectors.EVENT_READ, None)
 
     # -- bookkeeping -------------------------------------------------------------------
+    def pool_changed(self) -> None:
+        """The pool's map changed: rewrite ``<runtime>/pool.dtb`` (for dtc, and for a restart
+        after a crash). A host whose pool is not in its session yet (the takeover) skips it."""
+        if self.pool is None:
+            return
+        from luo.pool.host import pool_fd_index
+
+        try:
+            index = pool_fd_index(self.orch)
+        except LuoError:
+            index = 0
+        try:
+            self.pool.save_dtb(self.runtime.root / "pool.dtb", index)
+        except (OSError, LuoError) as e:
+            log.warning("pool: cannot write %s: %s", self.runtime.root / "pool.dtb", e)
+
     def publish_state(self) -> None:
         self.runtime.write_state(self.orch.state.label)
 

@@ -73,15 +73,26 @@ def run_host(runtime_dir: str | None, successor_fd: int | None = None) -> int:
     recovered, mirror = _from_store(rt)
     orch = recovered.orch if recovered else Orchestrator(handlers=host_handlers(), subsystems=host_subsystems(rt))
     rt.write_state(orch.state.label)
-    host = make_host(rt, orch, listener)
+    held = {h.name: h for h in recovered.sessions} if recovered is not None else {}
+    from luo.pool.host import pool_at_start
+
+    pool = pool_at_start(rt.root, orch, held)  # before anyone connects: ENOMEM here stops the host
+    host = make_host(rt, orch, listener, pool=pool)
     host.mirror = mirror
     if recovered is not None:
         host.recovered = recovered.report
-        host.recovered_sessions = {h.name: h for h in recovered.sessions}
+        host.recovered_sessions = held
+    host.pool_changed()
     host.mirror_now()  # the store holds this host's keys before anyone can connect
     listener.listen(128)
     notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {rt.socket}")
-    host.serve_forever()
+    try:
+        host.serve_forever()
+    finally:
+        if host.pool is not None and not host.orch.handed_over:
+            from luo.pool.host import stop_pool
+
+            stop_pool(rt.root, host.pool)
     return exit_now()
 
 

@@ -13,6 +13,7 @@ from luo.host.runtime import RuntimeDir
 if TYPE_CHECKING:
     from luo.core.orchestrator import Orchestrator
     from luo.host.daemon import Host
+    from luo.pool.service import PoolService
 
 
 def host_subsystems(runtime: RuntimeDir) -> list[Subsystem]:
@@ -35,13 +36,17 @@ def host_handlers() -> list[FileHandler]:
 
 
 def make_host(runtime: RuntimeDir, orch: Orchestrator, listener: socket.socket,
-              incoming_blob: bytes | None = None) -> Host:
+              incoming_blob: bytes | None = None, pool: PoolService | None = None) -> Host:
+    """``pool``: the host's memory pool (luo.pool), new or taken over at prepare."""
     from luo.host.daemon import Host
     from luo.host.vms import install
+    from luo.pool.host import install as install_pool
 
     host = Host(runtime, orch, listener, incoming_blob=incoming_blob)
     host.vms = install(host)
-    orch.register_subsystem(vmm_subsystem(host))
+    host.pool = pool
+    install_pool(host)
+    _register_subsystems(host, orch)
     return host
 
 
@@ -49,7 +54,16 @@ def rebind_host(host: Host, orch: Orchestrator, incoming_blob: bytes) -> None:
     """Give a host built ahead of time (at prepare) the orchestrator of the final handover."""
     host.orch = orch
     host.incoming_blob = incoming_blob
+    _register_subsystems(host, orch)
+
+
+def _register_subsystems(host: Host, orch: Orchestrator) -> None:
     orch.register_subsystem(vmm_subsystem(host))
+    if host.pool is not None:
+        from luo.host.watchdog import TimedSubsystem
+        from luo.pool.host import PoolSubsystem
+
+        orch.register_subsystem(TimedSubsystem(PoolSubsystem(host)))
 
 
 def vmm_subsystem(host: Host) -> Subsystem:

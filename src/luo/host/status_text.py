@@ -62,6 +62,10 @@ def format_status(st: dict[str, Any]) -> str:
             out.append(f"  {vm['name']:<12} {guest_state(vm):<14} {kind} VMM pid {vm['pid']:<7}{qemu} session {vm['session']}  "
                        f"mem {vm.get('mem')} cpus {vm.get('cpus')}  console {vm.get('console')}"
                        + (f"  ({why})" if why else ""))
+    if isinstance(st.get("pool"), dict):
+        from luo.cli_pool import format_pool
+
+        out += format_pool(st["pool"])
     dev = st.get("device")
     if isinstance(dev, dict):
         out.append(f"/dev/liveupdate: held by pid {dev.get('pid')}"

@@ -40,6 +40,7 @@ from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.keeper.store import FdStore, open_store
 from luo.kho import parse_tree, required_compatibles
+from luo.pool.host import pool_from_handover, take_over
 from luo.protocol import host_successor as hs
 from luo.protocol.host_successor import incoming
 from luo.protocol.table import Cursor, ProtocolError
@@ -120,6 +121,8 @@ class Incoming:
         self.fds = []
         if self.host is not None:
             self.host.listener.close()
+            if self.host.pool is not None:  # our dup of the pool's memfd; a pool made here goes entirely
+                self.host.pool.memory.close(give_back=self.host.pool.memory.hugepages_added > 0)
             self.host = None
 
     def prepare(self, ch: socket.socket, msg: dict, fds: list[int]) -> None:
@@ -141,7 +144,12 @@ class Incoming:
         except BaseException:
             listener.close()
             raise
-        self.host = make_host(self.runtime, orch, listener, incoming_blob=h.blob)
+        try:
+            pool = pool_from_handover(h.blob, h.fds, self.runtime.root)  # the layout is checked here, before any freeze
+        except BaseException:
+            listener.close()
+            raise
+        self.host = make_host(self.runtime, orch, listener, incoming_blob=h.blob, pool=pool)
         if self.store is not None:
             self.host.mirror = Mirror(self.store, stale=h.store_keys)
         self.host.orch.take_released_fds()  # fds the record does not name: ours to drop with release()
@@ -481,10 +489,22 @@ def _serve(inc: Incoming, orch: Orchestrator, last_update: dict[str, Any]) -> in
     assert host is not None
     set_process_name("luod")
     host.last_update = {"format": UPDATE_RECORD_FORMAT, **last_update}  # read by later versions: luo.abi
+    if host.pool is not None:
+        try:
+            take_over(orch, host.pool)
+        except LuoError as e:  # the pool is ours and in use; only its next handover is at stake
+            log.error("pool: cannot preserve the pool's memfd anew: %s", e)
+        host.pool_changed()
     host.after_start.append(gc.enable)
     host.after_start.append(lambda: write_atomic(
         inc.runtime.updates / f"{orch.liveupdate_number:06d}-host.json", json.dumps(host.last_update) + "\n"))
-    host.serve_forever()
+    try:
+        host.serve_forever()
+    finally:
+        if host.pool is not None and not host.orch.handed_over:
+            from luo.pool.host import stop_pool
+
+            stop_pool(inc.runtime.root, host.pool)
     from luo.host.main import exit_now
 
     return exit_now()

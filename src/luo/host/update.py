@@ -29,7 +29,7 @@ from luo.errors import LuoError
 from luo.host import faults
 from luo.host.spans import span
 from luo.host.successor_link import SuccessorLink
-from luo.host.tree import tree_for
+from luo.host.tree import host_tree
 
 if TYPE_CHECKING:
     from luo.host.daemon import Host
@@ -148,7 +148,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         host.publish_state()
         tl.mark("prepare")
         prepared, fds = orch.outgoing_record()
-        link.prepare(tree_for(prepared), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)),
+        link.prepare(host_tree(host, prepared), fds, host.listener.fileno(), float(msg.get("start_timeout", 120.0)),
                      host.mirror.keys if host.mirror is not None else None)
         tl.mark("check")
         faults.hold("prepared", host.runtime.root)
@@ -176,7 +176,7 @@ def _update(host: Host, msg: dict[str, Any], cmd: list[str], timeout: float) -> 
         record, fds = orch.outgoing_record()
         blob: bytes | None = None  # the successor already holds the tree when freeze changed nothing
         if record != prepared or not link.takes_unchanged or faults.enabled("corrupt-tree"):
-            blob = tree_for(record)
+            blob = host_tree(host, record)
             if faults.enabled("corrupt-tree"):
                 blob = corrupt(blob)
         tl.mark("tree")

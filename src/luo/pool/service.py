@@ -65,35 +65,40 @@ class PoolService:
         return svc
 
     @classmethod
-    def adopt(cls, pmap: PoolMap, fd: int, asked: Layout | None) -> PoolService:
+    def adopt(cls, pmap: PoolMap, fd: int, asked: Layout | None, hugepages_added: int = 0) -> PoolService:
         """The pool of the outgoing host: the same memfd (``fd``, ours from here) and its map.
         ``asked``: the layout this host was started with, which must be the preserved one."""
         if asked is not None:
             from luo.pool.spec import check_same
 
             check_same(pmap.layout, asked)
-        memory = PoolMemory.adopt(fd, pmap.layout.pool.backing)
+        memory = PoolMemory.adopt(fd, pmap.layout.pool.backing, hugepages_added)
         if memory.size != pmap.layout.pool.size:
             raise LuoError(errno.EINVAL, f"the pool memfd holds {memory.size} bytes, its map says "
                            f"{pmap.layout.pool.size}")
         start, length = pmap.layout.general
-        alloc = Allocator.from_preserved(start, length, pmap.extents, memory.scrub)
-        svc = cls(memory, pmap.layout, alloc,
-                  shard_owners={s.name: s.owner for s in pmap.shards if s.owner})
+        # run-time shards are listed as shards in the map; in the allocator they are extents of
+        # owner shard:NAME (so it never hands them out), taken back here at once: shards persist whole
+        runtime_shards = [Extent(s.offset, s.size, GRANULE_ORDER, SHARD_OWNER_PREFIX + s.name, "preserved")
+                          for s in pmap.shards[len(pmap.layout.placed):]]
+        alloc = Allocator.from_preserved(start, length, [*pmap.extents, *runtime_shards], memory.scrub)
+        for e in runtime_shards:
+            alloc.claim(e.owner, e.offset)
+        svc = cls(memory, pmap.layout, alloc, shard_owners={s.name: s.owner for s in pmap.shards if s.owner},
+                  claimed_at_start=len(runtime_shards))
         if pmap.layout.labels == "end":
             svc.label_generation, svc.labels = lbl.decode_labels(svc.memory.read(*svc.label_area))
-        # shards persist whole: their extents are the pool's own, claimed at once
-        for e in pmap.extents:
-            if e.owner.startswith(SHARD_OWNER_PREFIX):
-                alloc.claim(e.owner, e.offset)
-                svc.claimed_at_start += 1
+            listed = sorted((s.name, s.offset, s.size) for s in pmap.shards[len(pmap.layout.placed):])
+            if sorted((s.name, s.offset, s.size) for s in svc.labels) != listed:
+                raise LuoError(errno.EINVAL, "the pool's end labels and its map disagree about the run-time shards; "
+                               "refusing to guess which is right")
         return svc
 
     # -- the map -----------------------------------------------------------------------------
     def map(self, fd_index: int) -> PoolMap:
         """What the tree says of the pool: every live extent, preserved, and every shard."""
-        return PoolMap(self.layout, fd_index, tuple(self.alloc.preserve_all()),
-                       shard_records(self.layout, self.labels, self.shard_owners))
+        extents = tuple(e for e in self.alloc.preserve_all() if not e.owner.startswith(SHARD_OWNER_PREFIX))
+        return PoolMap(self.layout, fd_index, extents, shard_records(self.layout, self.labels, self.shard_owners))
 
     # -- extents -----------------------------------------------------------------------------
     def _changing(self, what: str) -> None:
@@ -193,7 +198,8 @@ class PoolService:
                            f"(largest free extent {self.alloc.stats().largest_free >> 20} MiB)")
         e = got[0]
         try:
-            new = lbl.create_shard(self.labels, e.length, mode, (e.offset, e.length), name=name)  # type: ignore[arg-type]
+            new = [*self.labels, lbl.ShardLabel(name, mode, e.offset, e.length)]  # type: ignore[arg-type]
+            lbl.check_labels(new, self.layout.general)
         except LuoError:
             self.alloc.free(owner)
             raise

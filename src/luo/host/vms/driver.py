@@ -43,6 +43,8 @@ class VmSpec:
 
 
 class VmmDriver(abc.ABC):
+    takes_pool = False  # its VMs' RAM can be extents of the host's memory pool (luo.pool)
+
     kind: ClassVar[str]  # the name ``luo vm start --vmm`` selects it by
     description: ClassVar[str]
     # What this update asked of the successor VMMs (``luo update --qemu PATH``: {"qemu": PATH}); set

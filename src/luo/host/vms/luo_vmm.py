@@ -14,6 +14,7 @@ from luo.host.vms.process_driver import ProcessVmmDriver
 
 class LuoVmmDriver(ProcessVmmDriver):
     kind = "luo"
+    takes_pool = True
     description = "luo's own KVM VMM (guest RAM in a preserved memfd; the VM rebuilt from saved state)"
 
     def options(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +27,9 @@ class LuoVmmDriver(ProcessVmmDriver):
             argv += ["--image", spec.options["image"]]
         if spec.options.get("cmdline") is not None:
             argv += ["--cmdline", spec.options["cmdline"]]
+        if spec.options.get("pool_extents"):
+            argv += ["--pool-fd", str(spec.options["pool_fd"]),
+                     "--pool-extents", ",".join(f"{o:#x}+{n:#x}" for o, n in spec.options["pool_extents"])]
         return argv
 
     def successor_argv(self, vm: VmEntry, successor_cmd: list[str], channel_fd: int) -> list[str]:

@@ -74,8 +74,9 @@ class ProcessVmmDriver(VmmDriver):
     def start(self, spec: VmSpec, vdir: Path) -> subprocess.Popen[bytes]:
         logf = open(vdir / "vmm.log", "ab")
         try:
+            pool_fd = spec.options.get("pool_fd")  # the host's memory pool, inherited under its own number
             return subprocess.Popen(self.vmm_argv(spec), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=[pool_fd] if pool_fd is not None else [])
         finally:
             logf.close()
 

@@ -130,6 +130,14 @@ class VmSupervisor:
         if v.kind not in self.drivers:
             raise LuoError(errno.EINVAL, f"VM {name!r}: no VMM driver {v.kind!r} here "
                            f"(this host has {', '.join(self.drivers)})")
+        pool_ram = info.get("pool")
+        if pool_ram is not None:  # guest RAM in the pool: claimed for this VM (restore-once after an update)
+            if self.host.pool is None:
+                raise LuoError(errno.EINVAL, f"VM {name!r} has its RAM in a memory pool, and this host has none")
+            from luo.vmm.live.incoming import pool_extents
+
+            self.host.pool.adopt_vm(name, pool_extents(info) or [])
+            self.host.pool_changed()
         v.pid = c.peer.pid
         v.conn = c
         if v.successor is not None and v.successor.pid == v.pid:
@@ -161,11 +169,22 @@ class VmSupervisor:
         spec = VmSpec(name, fields.size(msg, "mem", 1 << 20, 1 << 40, 256 << 20), fields.integer(msg, "cpus", 1, 64, 2),
                       driver.options(msg))
         timeout = fields.finite(msg, "timeout", 0, 3600, 60.0)
+        no_pool = fields.boolean(msg, "no_pool", False)
         if name in self.vms and self.vms[name].conn is not None:
             raise LuoError(errno.EEXIST, f"VM {name!r} is already running (pid {self.vms[name].pid})")
+        pool = self.host.pool
+        owner = VM_SESSION_PREFIX + name
+        if pool is not None and driver.takes_pool and not no_pool:  # guest RAM from the host's pool
+            extents = pool.allocate(owner, spec.mem)  # ENOMEM says what is free
+            spec.options.update(pool_fd=pool.memory.fd, pool_extents=[(e.offset, e.length) for e in extents])
+            self.host.pool_changed()
         vdir = self.runtime.vm_dir(name)
         vdir.mkdir(parents=True, exist_ok=True)
-        proc = driver.start(spec, vdir)
+        try:
+            proc = driver.start(spec, vdir)
+        except BaseException:
+            self._release_ram(name)
+            raise
         v = VmEntry(name, proc.pid, kind=kind, proc=proc)
         self.vms[name] = v
 
@@ -173,6 +192,7 @@ class VmSupervisor:
             if v.link.state != hv.STARTING:
                 return ok(vm=self.describe(v)), []
             if proc.poll() is not None:
+                self._release_ram(name)  # its VMM never ran the guest
                 tail = _tail(vdir / "vmm.log")
                 return {"errno": errno.EIO, "error": f"VMM for {name!r} exited with {proc.returncode}: {tail}"}, []
             return None
@@ -196,7 +216,16 @@ class VmSupervisor:
             raise LuoError(errno.EBUSY, f"VM {name!r} is {v.link.state} for a live update; "
                            "stop it after the update (or `luo cancel`)")
         self.driver(v).stop(v, 30.0)
+        self._release_ram(name)
         return ok(), []
+
+    def _release_ram(self, name: str) -> None:
+        """The VM's pool extents, if any, back to the pool (scrubbed before anyone else gets them):
+        only once its VMM is gone, never while a guest may run on them."""
+        pool = self.host.pool
+        if pool is not None and pool.alloc.extents_of(VM_SESSION_PREFIX + name):
+            pool.free(VM_SESSION_PREFIX + name)
+            self.host.pool_changed()
 
     def op_wait_update(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
         """Answer once every VM that crossed the update has reported its blackout."""

@@ -53,9 +53,12 @@ def _while_taken(fn: Callable[[], T], what: str) -> T:
 
 
 class HostLink:
-    def __init__(self, runtime: RuntimeDir, name: str) -> None:
+    def __init__(self, runtime: RuntimeDir, name: str, ram_in_pool: bool = False) -> None:
         self.runtime = runtime
         self.name = name
+        # guest RAM in the host's memory pool (luo.pool): the pool preserves it, as extents the VM
+        # owns, so the VM's session holds only its state memfd (the pool's memfd is preserved once)
+        self.ram_in_pool = ram_in_pool
         self.client = Client(runtime.root, timeout=30.0)
         self.session: Session | None = None
         self.sock: socket.socket | None = None
@@ -65,14 +68,15 @@ class HostLink:
     def preserve(self, ram_fd: int, state_fd: int) -> None:
         """(Re)create the VM's session and preserve its RAM and state memfds in it."""
         s = _while_taken(lambda: self.client.create_session(session_name(self.name)), "session")
-        s.preserve_fd(ram_fd, VM_RAM_TOKEN)
+        if not self.ram_in_pool:
+            s.preserve_fd(ram_fd, VM_RAM_TOKEN)
         s.preserve_fd(state_fd, VM_STATE_TOKEN)
         self.session = s
 
     def take_incoming(self) -> tuple[int, int]:
         """Retrieve the VM's session from the (new) host: its RAM and state fds."""
         s = self.client.retrieve_session(session_name(self.name))
-        ram = s.retrieve_fd(VM_RAM_TOKEN)
+        ram = -1 if self.ram_in_pool else s.retrieve_fd(VM_RAM_TOKEN)  # -1: the pool holds it
         state = s.retrieve_fd(VM_STATE_TOKEN)
         self.session = s
         return ram, state

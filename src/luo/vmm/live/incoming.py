@@ -79,8 +79,9 @@ def _adopt_session(link: HostLink, name: str, ram_fd: int, state_fd: int, report
         log.error("vm %s: cannot retrieve the VM's session from the new host: %s", name, e)
         report["session_error"] = str(e)
     else:
-        same = _same_file(ram2, ram_fd) and _same_file(state2, state_fd)
-        os.close(ram2)
+        same = (ram2 < 0 or _same_file(ram2, ram_fd)) and _same_file(state2, state_fd)
+        if ram2 >= 0:
+            os.close(ram2)
         os.close(state2)
         try:
             faults.point("vmm-successor", "finish")
@@ -181,7 +182,21 @@ def _build_machine(runtime: RuntimeDir, name: str, mem: int, cpus: int, ram_fd: 
         if faults.enabled("qemu-successor-dies"):  # its QEMU gone before the migration: the switch must fall back
             os.kill(vm.proc.pid, signal.SIGKILL)
         return vm  # type: ignore[return-value]
-    return Vm.create(name, mem, cpus, memfd=ram_fd, console=FileConsoleSink(str(runtime.vm_dir(name) / "console.log")))
+    return Vm.create(name, mem, cpus, memfd=ram_fd, console=FileConsoleSink(str(runtime.vm_dir(name) / "console.log")),
+                     extents=pool_extents(info))
+
+
+def pool_extents(info: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """The guest RAM's extents of the host's memory pool, from the VM's info (None: its own memfd).
+    Checked here for shape; GuestMemory checks them against the memfd (EINVAL)."""
+    raw = info.get("pool")
+    if raw is None:
+        return None
+    if not (isinstance(raw, list) and 0 < len(raw) <= 4096 and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                        for x in p) for p in raw)):
+        raise LuoError(errno.EINVAL, "the VM's pool extents must be a list of [offset, length] pairs")
+    return [(p[0], p[1]) for p in raw]
 
 
 def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
@@ -257,7 +272,7 @@ def run_successor_vmm(runtime: RuntimeDir, name: str, channel_fd: int) -> int:
         return 1
     if action != vs.A_REPLY_WARM or vm is None:
         raise vs.unhandled(end, action)
-    link = HostLink(runtime, name)
+    link = HostLink(runtime, name, ram_in_pool=info.get("pool") is not None)
     send_msg(ch, {"op": "warm", "errno": 0, "pid": os.getpid(), **ours,
                   "timings_ms": {"create": round((time.perf_counter() - t0) * 1000, 3)},
                   **({"qemu_mode": info["mode"]} if info.get("vmm") == "qemu" else {})})

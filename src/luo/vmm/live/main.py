@@ -46,7 +46,10 @@ def _logging(name: str) -> None:
                         format=f"%(asctime)s luo-vmm:{name}[{os.getpid()}] %(levelname)s %(message)s")
 
 
-def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str | None, cmdline: str | None) -> int:
+def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str | None, cmdline: str | None,
+            pool_fd: int | None = None, pool_extents: list[tuple[int, int]] | None = None) -> int:
+    """``pool_fd``/``pool_extents``: guest RAM is these extents of the host's memory pool (the host
+    allocated them for ``vm:NAME`` and passed the pool's memfd), not a memfd of its own."""
     from luo.vmm.devices.console_sink import FileConsoleSink
     from luo.vmm.live.guest_state import write_guest_state
     from luo.vmm.live.host_link import HostLink
@@ -62,16 +65,19 @@ def run_vmm(runtime_dir: str | None, name: str, mem: str, cpus: int, image: str 
     image = image or default_image()
     cmdline = DEFAULT_CMDLINE if cmdline is None else cmdline
     mem_bytes = parse_size(mem)
-    vm = Vm.create(name, mem_bytes, cpus, console=FileConsoleSink(str(vdir / "console.log")))
+    vm = Vm.create(name, mem_bytes, cpus, memfd=pool_fd, console=FileConsoleSink(str(vdir / "console.log")),
+                   extents=pool_extents)
     vm.boot(image, cmdline)
     favour_this_thread()  # after Vm.create: the vCPU threads keep the normal weight
     favour_this_session()  # and the whole VMM before host work
     state_fd = create_state_memfd(name)
-    link = HostLink(rt, name)
+    link = HostLink(rt, name, ram_in_pool=pool_fd is not None)
     link.preserve(vm.memfd, state_fd)  # from the VM's start: nothing to preserve inside a blackout
     vm.start()
     write_guest_state(rt, name, "running", "booted")
-    info = {"mem": mem_bytes, "cpus": cpus, "image": image, "cmdline": cmdline}
+    info: dict[str, object] = {"mem": mem_bytes, "cpus": cpus, "image": image, "cmdline": cmdline}
+    if pool_extents is not None:  # the VM's record: its successor maps the same extents
+        info["pool"] = [list(p) for p in pool_extents]
     return RunningVmm(vm, link, state_fd, info).serve()
 
 
