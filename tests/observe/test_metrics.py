@@ -105,3 +105,19 @@ def test_luo_metrics_command(runtime: Path, capsys: pytest.CaptureFixture[str]) 
 def test_no_records_no_host(tmp_path: Path) -> None:
     m = parse(exposition(families(snapshot(tmp_path, None))))
     assert m["luo_updates_total"][()] == 0 and "luo_last_update_seconds" not in m
+
+
+def test_the_pool_of_the_status(runtime: Path) -> None:
+    pool = {"size": 1 << 30, "free": 512 << 20, "largest_free_extent": 256 << 20,
+            "owners": {"vm:a": {"bytes": 256 << 20, "extents": [[0, 256 << 20, "claimed"]]}},
+            "shards": [{"name": "shard0", "mode": "devdax", "offset": 0, "size": 64 << 20, "owner": ""}],
+            "memory": {"huge_pages": 512}}
+    m = parse(exposition(families(snapshot(runtime, {**STATUS, "pool": pool}))))
+    assert m["luo_pool_bytes"][()] == 1 << 30 and m["luo_pool_free_bytes"][()] == 512 << 20
+    assert m["luo_pool_largest_free_extent_bytes"][()] == 256 << 20
+    assert m["luo_pool_owner_bytes"][(("owner", "vm:a"),)] == 256 << 20
+    assert m["luo_pool_shard_bytes"][(("mode", "devdax"), ("owner", ""), ("shard", "shard0"))] == 64 << 20
+    assert m["luo_pool_huge_pages"][()] == 512
+    assert "luo_pool_bytes" not in parse(exposition(families(snapshot(runtime, STATUS))))  # no pool, no pool metrics
+    assert hand_exposition(families(snapshot(runtime, {**STATUS, "pool": pool}))) == \
+        client_exposition(families(snapshot(runtime, {**STATUS, "pool": pool})))

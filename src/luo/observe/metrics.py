@@ -130,7 +130,32 @@ def families(snap: Snapshot) -> list[Family]:
                           samples=[((), float(_count(st.get("files"))))]))
         out.append(Family("luo_sessions", "gauge", "Sessions the host holds (outgoing or incoming).",
                           samples=[((), float(_count(st.get("sessions"))))]))
+        out += _pool_families(st.get("pool"))
     return out
+
+
+def _pool_families(pool: Any) -> list[Family]:
+    """The memory pool (docs/pool.md), when the host has one."""
+    if not isinstance(pool, dict):
+        return []
+    owners = pool.get("owners") if isinstance(pool.get("owners"), dict) else {}
+    shards = pool.get("shards") if isinstance(pool.get("shards"), list) else []
+    mem = pool.get("memory") if isinstance(pool.get("memory"), dict) else {}
+    return [
+        Family("luo_pool_bytes", "gauge", "The memory pool's size.", samples=[((), float(_count(pool.get("size"))))]),
+        Family("luo_pool_free_bytes", "gauge", "Free in the pool's general area (scrubbed or not).",
+               samples=[((), float(_count(pool.get("free"))))]),
+        Family("luo_pool_largest_free_extent_bytes", "gauge", "The largest free extent: how fragmented the pool is.",
+               samples=[((), float(_count(pool.get("largest_free_extent"))))]),
+        Family("luo_pool_owner_bytes", "gauge", "Pool memory held by each owner (a VM, a session, a client).",
+               ("owner",), [((str(o),), float(_count(v.get("bytes") if isinstance(v, dict) else 0)))
+                            for o, v in sorted(owners.items())]),
+        Family("luo_pool_shard_bytes", "gauge", "Each shard of the pool, by mode and owner (empty: unclaimed).",
+               ("shard", "mode", "owner"), [((str(x.get("name")), str(x.get("mode")), str(x.get("owner") or "")),
+                                            float(_count(x.get("size")))) for x in shards if isinstance(x, dict)]),
+        Family("luo_pool_huge_pages", "gauge", "2 MiB hugetlb pages the pool holds (0 for a shmem pool).",
+               samples=[((), float(_count(mem.get("huge_pages"))))]),
+    ]
 
 
 def _count(v: Any) -> int:
