@@ -90,6 +90,21 @@ def cmd_shard_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard_mount(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply, _ = c.call("pool_shard_mount", name=args.name, dir=os.path.abspath(args.dir), retry=False)
+    s = reply["shard"]
+    print(f"{s['name']}: ext4 on {_mib(s['size'])} of the pool at {s['offset']:#x}, mounted on {args.dir}")
+    return 0
+
+
+def cmd_shard_umount(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.call("pool_shard_umount", name=args.name, retry=False)
+    print(f"{args.name}: unmounted; its file system stays in the shard")
+    return 0
+
+
 def add_pool_commands(sub: Any) -> None:
     def sp(parent: Any, name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help)
@@ -114,6 +129,11 @@ def add_pool_commands(sub: Any) -> None:
     s.add_argument("size")
     s.add_argument("--mode", choices=("devdax", "fsdax"), default="devdax")
     s = sp(ssub, "delete", cmd_shard_delete, "delete a run-time shard")
+    s.add_argument("name")
+    s = sp(ssub, "mount", cmd_shard_mount, "mount an fsdax shard's file system (ext4, made on first mount)")
+    s.add_argument("name")
+    s.add_argument("dir")
+    s = sp(ssub, "umount", cmd_shard_umount, "unmount an fsdax shard")
     s.add_argument("name")
 
 

@@ -40,6 +40,14 @@ NEEDS_HOST: dict[str, list[str]] = {
     "vm stop": ["vm", "stop", "nohost"],
     "vmm run": ["vmm", "run", "--name", "nohost"],
     "vmm successor": ["vmm", "successor", "--name", "nohost", "--channel", "0"],
+    "pool status": ["pool", "status"],
+    "pool alloc": ["pool", "alloc", "client:x", "2M"],
+    "pool free": ["pool", "free", "client:x"],
+    "pool shard list": ["pool", "shard", "list"],
+    "pool shard create": ["pool", "shard", "create", "2M"],
+    "pool shard delete": ["pool", "shard", "delete", "shard0"],
+    "pool shard mount": ["pool", "shard", "mount", "shard0", "/nonexistent-mnt"],
+    "pool shard umount": ["pool", "shard", "umount", "shard0"],
 }
 
 # The commands that are not clients of a running host, and why.

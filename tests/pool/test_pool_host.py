@@ -211,3 +211,34 @@ def test_a_pool_too_big_for_the_machine_is_refused_at_start(short_dir) -> None: 
         h.start(timeout=15)
     assert "ENOMEM" in h.log.read_text() or "huge pages" in h.log.read_text()
     h.stop()
+
+
+def test_an_fsdax_shard_is_a_file_system_that_crosses_updates(make_host: Callable[..., HostProcess],
+                                                              short_dir) -> None:  # noqa: ANN001
+    host = make_host({"LUO_POOL": "64M:shmem", "LUO_POOL_SHARDS": "8M:devdax,32M:fsdax"})
+    mnt = short_dir / "mnt"
+    try:
+        out = host.luo("pool", "shard", "mount", "shard1", str(mnt)).stdout
+        assert "mounted on" in out
+        (mnt / "notes.txt").write_text("written before the update\n")
+        os.sync()
+        host.update()
+        host.luo("finish")
+        assert (mnt / "notes.txt").read_text() == "written before the update\n"  # the mount stayed
+        assert any(s["owner"] == f"mount:{mnt}" for s in lp.shards(host.client()))
+        host.luo("pool", "shard", "umount", "shard1")
+        assert not os.path.ismount(mnt)
+        host.luo("pool", "shard", "mount", "shard1", str(mnt))  # the new host: the same file system, not a new one
+        assert (mnt / "notes.txt").read_text() == "written before the update\n"
+        cp = host.luo("pool", "shard", "mount", "shard0", str(short_dir / "m2"), check=False)
+        assert cp.returncode != 0 and "devdax" in cp.stderr
+    finally:
+        if os.path.ismount(mnt):
+            host.luo("pool", "shard", "umount", "shard1", check=False)
+
+
+def test_an_fsdax_shard_of_a_hugetlb_pool_says_why_it_cannot_mount(make_host: Callable[..., HostProcess],
+                                                                    short_dir) -> None:  # noqa: ANN001
+    host = make_host({"LUO_POOL": "32M:hugetlb", "LUO_POOL_SHARDS": "8M:fsdax"})
+    cp = host.luo("pool", "shard", "mount", "shard0", str(short_dir / "mnt"), check=False)
+    assert cp.returncode != 0 and "EOPNOTSUPP" in cp.stderr and "hugetlbfs" in cp.stderr

@@ -275,6 +275,19 @@ def install(host: Host) -> None:
         return ok(shard={"name": s.name, "mode": s.mode, "offset": s.offset, "size": s.size, "owner": s.owner}), \
             [os.dup(pool.memory.fd)]
 
+    def pool_shard_mount(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """An fsdax shard's file system mounted on ``dir`` (made on first mount)."""
+        fields.no_fds(fds, "pool_shard_mount")
+        s = _pool(host).shard_mount(fields.text(msg, "name", 15), Path(fields.text(msg, "dir", 48)))
+        host.pool_changed()
+        return ok(shard={"name": s.name, "mode": s.mode, "offset": s.offset, "size": s.size, "owner": s.owner}), []
+
+    def pool_shard_umount(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        fields.no_fds(fds, "pool_shard_umount")
+        _pool(host).shard_umount(fields.text(msg, "name", 15))
+        host.pool_changed()
+        return ok(), []
+
     def pool_shard_release(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fields.no_fds(fds, "pool_shard_release")
         _pool(host).shard_release(fields.text(msg, "name", 15))
@@ -287,4 +300,5 @@ def install(host: Host) -> None:
         "pool_free": (pool_free, True), "pool_shard_list": (pool_shard_list, False),
         "pool_shard_create": (pool_shard_create, True), "pool_shard_delete": (pool_shard_delete, True),
         "pool_shard_open": (pool_shard_open, True), "pool_shard_release": (pool_shard_release, True),
+        "pool_shard_mount": (pool_shard_mount, True), "pool_shard_umount": (pool_shard_umount, True),
     })

@@ -39,6 +39,7 @@ from luo.pool.spec import LABEL_AREA_SIZE, Layout
 log = logging.getLogger("luod")
 
 SHARD_OWNER_PREFIX = "shard:"
+MOUNT_OWNER_PREFIX = "mount:"  # an fsdax shard mounted by the host: its owner is the mount point
 VM_OWNER_PREFIX = VM_SESSION_PREFIX  # a VM owns its extents under its session's name
 
 
@@ -176,6 +177,32 @@ class PoolService:
             self._changing("hand out a shard")
             self.shard_owners[name] = owner
         return self.shard(name)
+
+    def shard_mount(self, name: str, target: Path) -> ShardRecord:
+        """An fsdax shard as a file system on ``target`` (luo.pool.fsdax); its owner is the mount."""
+        from luo.pool import fsdax
+
+        s = self.shard(name)
+        if s.mode != "fsdax":
+            raise LuoError(errno.EINVAL, f"shard {name} is {s.mode}: only an fsdax shard holds a file system")
+        owner = MOUNT_OWNER_PREFIX + str(target)
+        if s.owner:
+            raise LuoError(errno.EBUSY, f"shard {name} belongs to {s.owner}")
+        self._changing("mount a shard")
+        validate_owner(owner)
+        fsdax.mount(self.memory.fd, self.layout.pool.backing, s.offset, s.size, target)
+        self.shard_owners[name] = owner
+        return self.shard(name)
+
+    def shard_umount(self, name: str) -> None:
+        from luo.pool import fsdax
+
+        s = self.shard(name)
+        if not s.owner.startswith(MOUNT_OWNER_PREFIX):
+            raise LuoError(errno.EINVAL, f"shard {name} is not mounted (owner: {s.owner or 'nobody'})")
+        self._changing("unmount a shard")
+        fsdax.umount(Path(s.owner[len(MOUNT_OWNER_PREFIX):]))
+        self.shard_owners.pop(name, None)
 
     def shard_release(self, name: str) -> None:
         self._changing("release a shard")
