@@ -242,3 +242,37 @@ def test_an_fsdax_shard_of_a_hugetlb_pool_says_why_it_cannot_mount(make_host: Ca
     host = make_host({"LUO_POOL": "32M:hugetlb", "LUO_POOL_SHARDS": "8M:fsdax"})
     cp = host.luo("pool", "shard", "mount", "shard0", str(short_dir / "mnt"), check=False)
     assert cp.returncode != 0 and "EOPNOTSUPP" in cp.stderr and "hugetlbfs" in cp.stderr
+
+
+def test_a_crashed_host_takes_the_pool_back_and_its_vm_claims_its_ram(make_host: Callable[..., HostProcess]) -> None:
+    """luod SIGKILLed with a VM running from the pool: the restarted host has the pool's memfd from
+    the fd store and the map from pool.dtb; the VM's VMM registers again and claims its extent;
+    a client's extent waits, preserved, for its owner."""
+    import signal
+
+    from luo.testing.processes import alive
+
+    env = {"LUO_ALLOW_FAULTS": "1", "LUO_POOL": "512M:hugetlb"}
+    host = make_host(env)
+    host.luo("vm", "start", "a", "--mem", "256M", "--cpus", "1")
+    more_beats(host, "a", 2)
+    fd, (x,) = lp.alloc(host.client(), "client:x", 2 * M)
+    write(fd, x.offset, b"survives a crash")
+    os.close(fd)
+    (ram,) = owner_extents(host, "vm:a")
+    old = host.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not alive(old), 10, "luod to die")
+    again = HostProcess(host.root, env).start()
+    try:
+        wait_for(lambda: any(e[2] == "claimed" for e in owner_extents(again, "vm:a")), 30,
+                 "the VM to register again and claim its RAM")
+        assert [e[:2] for e in owner_extents(again, "vm:a")] == [ram[:2]]
+        assert [e[2] for e in owner_extents(again, "client:x")] == ["preserved"]
+        fd, got = lp.claim(again.client(), "client:x", x.offset)
+        assert read(fd, got.offset, 16) == b"survives a crash"
+        os.close(fd)
+        more_beats(again, "a", 2)
+    finally:
+        again.stop()
