@@ -346,6 +346,7 @@ class QemuMachine:
             self.qmp.execute("migrate_cancel")
         status = self._migration_end(since)
         info = self.qmp.execute("query-migrate") or {}
+        live = self.live_switch
         if self.live_switch:  # QEMU stopped the guest at the switchover, or (failed) runs it still
             self.running = (self.qmp.execute("query-status") or {}).get("status") == "running"
             self.live_switch = False
@@ -353,7 +354,7 @@ class QemuMachine:
         if status != "completed":
             raise LuoError(errno.EIO, f"QEMU migration of {self.name} {status}: {info.get('error-desc', '')}")
         ram = info.get("ram") if isinstance(info.get("ram"), dict) else {}
-        self.last_migration = {"mode": self.mode, "bytes": int(ram.get("transferred", 0) or 0),
+        self.last_migration = {"mode": self.mode, "live": live, "bytes": int(ram.get("transferred", 0) or 0),
                                "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime")}
         stop = next((e for e in reversed(self.qmp.events) if e.name == "STOP"), None)
         record = {"format": RECORD_FORMAT, "machine": self.config.machine, **self.last_migration,
@@ -406,6 +407,17 @@ class QemuMachine:
             raise LuoError(errno.EIO, f"QEMU pid {self.proc.pid} is {status} after loading {self.name}'s state")
         self.set_up_pending = late  # not while a migration comes in; after the resume (start)
         self.timings["restore"] = round((time.perf_counter() - t0) * 1000, 3)
+
+    @property
+    def stopped_at_ns(self) -> int | None:
+        """When QEMU stopped the guest in the last live switch, on CLOCK_MONOTONIC (QEMU dates its
+        events with the wall clock): where the guest's blackout really began."""
+        if not self.last_migration or self.last_migration.get("live") is not True:
+            return None
+        stop = next((e for e in reversed(self.qmp.events) if e.name == "STOP"), None)
+        if stop is None:
+            return None
+        return time.monotonic_ns() - (time.time_ns() - stop.wall_ns)
 
     def resume_wall_ns(self) -> int | None:
         ev = next((e for e in reversed(self.qmp.events) if e.name == "RESUME"), None)

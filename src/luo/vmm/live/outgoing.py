@@ -297,6 +297,12 @@ class RunningVmm:
         self.vm.pause()
         t1 = time.monotonic_ns()
         record = self.vm.save()
+        stopped = getattr(self.vm, "stopped_at_ns", None)  # a machine that stopped the guest itself
+        if isinstance(stopped, int) and t1 <= stopped <= time.monotonic_ns():
+            # QEMU migrated the running guest and stopped it at the switchover: the blackout starts
+            # there; what came before (the successor QEMU setting up) ran beside the guest
+            self.stamps["migrate_live"] = (t1, stopped)
+            t0 = t1 = stopped
         write_state(self.state_fd, record, t0)
         t2 = time.monotonic_ns()
         self.paused_at = t0
