@@ -90,14 +90,19 @@ def cmd_vmm_run(args: argparse.Namespace) -> int:
         _logging(args.name)
         config = QemuConfig(args.qemu or qemu_binary(), args.kernel or str(default_kernel()),
                             args.initrd or str(default_initrd()), args.append or DEFAULT_APPEND, args.accel)
-        return run_qemu_vmm(args.runtime_dir, args.name, parse_size(args.mem), args.cpus, config)
+        return run_qemu_vmm(args.runtime_dir, args.name, parse_size(args.mem), args.cpus, config,
+                            args.pool_fd, _extents(args.pool_extents))
     from luo.vmm.live.main import run_vmm
 
-    extents = None
-    if args.pool_extents:
-        extents = [(int(o, 0), int(n, 0)) for o, n in (p.split("+") for p in args.pool_extents.split(","))]
     return run_vmm(args.runtime_dir, args.name, args.mem, args.cpus, args.image, args.cmdline,
-                   args.pool_fd, extents)
+                   args.pool_fd, _extents(args.pool_extents))
+
+
+def _extents(text: str | None) -> list[tuple[int, int]] | None:
+    """``OFFSET+LENGTH,...`` (what the host put on the VMM's command line) as pairs."""
+    if not text:
+        return None
+    return [(int(o, 0), int(n, 0)) for o, n in (p.split("+") for p in text.split(","))]
 
 
 def cmd_vmm_successor(args: argparse.Namespace) -> int:

@@ -115,3 +115,32 @@ def test_cpr_migration_cancelled_half_way_gives_the_guest_back(qemu_host: Callab
     more_beats(host.console("q"), 3)
     assert "migration" in (host.rt.vm_dir("q") / "vmm.log").read_text()
     assert not check_continuity(host.console("q").heartbeats(), HB_MS, 5000)
+
+
+def test_a_qemu_10_vm_runs_from_the_hosts_hugetlb_pool(short_dir: Path, qemu10: str) -> None:
+    """RAM as one extent of the pool (memory-backend-file offset=, which QEMU 7.2 lacks: its VM on
+    the same host keeps a memfd of its own), across updates in cpr-transfer."""
+    from luo.client import pool as lp
+
+    host = HostProcess(short_dir / "rt", {"LUO_POOL": "1G:hugetlb"}).start()
+    try:
+        start_vm(host, qemu10)
+        host.luo("vm", "start", "old", "--vmm", "qemu", "--mem", "256M", "--cpus", "1", "--qemu", system_qemu(),
+                 timeout=120)
+        owners = lp.status(host.client())["owners"]
+        assert list(owners) == ["vm:q"] and len(owners["vm:q"]["extents"]) == 1, owners
+        for _ in range(2):
+            r = host.update()
+            assert r["vms"]["q"]["migration"]["mode"] == "cpr-transfer"
+            host.luo("finish")
+            ext = lp.status(host.client())["owners"]["vm:q"]["extents"]
+            assert [e[2] for e in ext] == ["claimed"]
+            more_beats(host.console("q"), 2)
+            more_beats(host.console("old"), 1)
+        con = host.console("q")
+        assert not check_continuity(con.heartbeats(), HB_MS, 5000)
+        assert sum(1 for ln in con.lines() if ln.startswith("luo-guest boot")) == 1
+        host.luo("vm", "stop", "q")
+        assert "vm:q" not in lp.status(host.client())["owners"]
+    finally:
+        host.stop()

@@ -71,6 +71,18 @@ def supports_cpr(qemu: str) -> bool:
     return "aux-ram-share" in out.stdout
 
 
+@functools.cache
+def supports_offset(qemu: str) -> bool:
+    """Whether ``qemu``'s file memory backend takes an ``offset`` into its file (not 7.2's): what
+    guest RAM in an extent of the host's memory pool needs."""
+    try:
+        out = subprocess.run([qemu, "-object", "memory-backend-file,help"], capture_output=True, text=True,
+                             timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "offset=" in out.stdout
+
+
 def choose_mode(predecessor_info: dict[str, Any], qemu: str) -> str:
     """The successor's choice: cpr-transfer when its QEMU can receive it and the running QEMU can
     send it (it said so when it registered: started with ``aux-ram-share=on``); else
@@ -144,6 +156,7 @@ class QemuMachine:
     timings: dict[str, float] = field(default_factory=dict)
     last_migration: dict[str, Any] = field(default_factory=dict)
     mode: str = MODE_SHARED  # the mode of the coming (old QEMU) or the incoming (successor) migration
+    ram_offset: int | None = None  # guest RAM at this offset of ``memfd`` (an extent of the host's pool)
     live_switch: bool = False  # a successor waits: save migrates the running guest, QEMU stops it
     set_up_pending: bool = False  # a cpr-transfer successor's migration set-up, done after the resume
     watcher: threading.Thread | None = None  # a cpr-transfer successor: connects as soon as QMP exists
@@ -167,7 +180,7 @@ class QemuMachine:
     # -- starting -----------------------------------------------------------------------------
     @classmethod
     def _launch(cls, name: str, mem: int, cpus: int, memfd: int, vdir: Path, config: QemuConfig,
-                incoming: str | None) -> QemuMachine:
+                incoming: str | None, ram_offset: int | None = None) -> QemuMachine:
         """``incoming``: None (a new guest), or the mode a successor QEMU receives it in."""
         tag = f"{'next' if incoming else 'run'}-{os.getpid()}"
         qmp_path, con_path = vdir / f"qmp-{tag}.sock", vdir / f"console-{tag}.sock"
@@ -180,7 +193,8 @@ class QemuMachine:
                 "-accel", choose_accel(config.accel),
                 "-machine", f"{config.machine},memory-backend=ram0{',aux-ram-share=on' if config.cpr else ''}",
                 "-m", f"{mem >> 20}M", "-smp", str(cpus),
-                "-object", f"memory-backend-file,id=ram0,size={mem >> 20}M,mem-path=/proc/self/fd/{fd},share=on",
+                "-object", f"memory-backend-file,id=ram0,size={mem >> 20}M,mem-path=/proc/self/fd/{fd},share=on"
+                + (f",offset={ram_offset}" if ram_offset is not None else ""),
                 "-kernel", config.kernel, "-initrd", config.initrd, "-append", config.append,
                 "-chardev", f"socket,id=con0,path={con_path},server=on,wait=off", "-serial", "chardev:con0",
                 "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S"]
@@ -198,7 +212,8 @@ class QemuMachine:
         finally:
             logf.close()
             os.close(fd)
-        m = cls(name, mem, cpus, memfd, config, proc, None, None, vdir, tag, mode=incoming or MODE_SHARED)
+        m = cls(name, mem, cpus, memfd, config, proc, None, None, vdir, tag, mode=incoming or MODE_SHARED,
+                ram_offset=ram_offset)
         try:
             if incoming == MODE_CPR:  # it blocks on the cpr channel: no QMP until the migration starts
                 m._wait_listening(vdir / "cpr.sock")
@@ -258,12 +273,17 @@ class QemuMachine:
         self.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
 
     @classmethod
-    def boot(cls, name: str, mem: int, cpus: int, vdir: Path, config: QemuConfig) -> QemuMachine:
-        """A new VM: the RAM memfd, QEMU on it (not running yet: the caller preserves the memfd
-        first), the versioned machine type resolved."""
-        memfd = os.memfd_create(f"luo-vm:{name}:ram", os.MFD_CLOEXEC)
-        os.ftruncate(memfd, mem)
-        m = cls._launch(name, mem, cpus, memfd, vdir, config, incoming=None)
+    def boot(cls, name: str, mem: int, cpus: int, vdir: Path, config: QemuConfig,
+             pool: tuple[int, int] | None = None) -> QemuMachine:
+        """A new VM: the RAM memfd (or ``pool``: (the pool's memfd, the offset of the VM's extent)),
+        QEMU on it (not running yet: the caller preserves the memfd first), the versioned machine
+        type resolved."""
+        if pool is None:
+            memfd, offset = os.memfd_create(f"luo-vm:{name}:ram", os.MFD_CLOEXEC), None
+            os.ftruncate(memfd, mem)
+        else:
+            memfd, offset = pool
+        m = cls._launch(name, mem, cpus, memfd, vdir, config, incoming=None, ram_offset=offset)
         m.config.machine = m._resolved_machine()
         return m
 
@@ -276,9 +296,12 @@ class QemuMachine:
 
     @classmethod
     def incoming(cls, name: str, mem: int, cpus: int, memfd: int, vdir: Path, config: QemuConfig,
-                 mode: str = MODE_SHARED) -> QemuMachine:
+                 mode: str = MODE_SHARED, ram_offset: int | None = None) -> QemuMachine:
         """The successor's QEMU: same memfd, listening for the device state (``mode``), not running."""
-        m = cls._launch(name, mem, cpus, memfd, vdir, config, incoming=mode)
+        if ram_offset is not None and not supports_offset(config.qemu):
+            raise LuoError(errno.EOPNOTSUPP, f"the VM's RAM is an extent of the host's memory pool, and QEMU "
+                           f"{config.qemu} cannot map part of a file (no memory-backend-file offset)")
+        m = cls._launch(name, mem, cpus, memfd, vdir, config, incoming=mode, ram_offset=ram_offset)
         if mode == MODE_SHARED:
             m.qmp.execute("migrate-incoming", {"uri": m.migrate_uri})
         return m

@@ -44,6 +44,11 @@ class VmSpec:
 
 class VmmDriver(abc.ABC):
     takes_pool = False  # its VMs' RAM can be extents of the host's memory pool (luo.pool)
+    pool_extents_max = 4096  # how many extents one VM's RAM may be made of
+
+    def pool_ok(self, spec: VmSpec) -> bool:
+        """Whether ``spec``'s VM takes its RAM from the host's pool, when the host has one."""
+        return self.takes_pool
 
     kind: ClassVar[str]  # the name ``luo vm start --vmm`` selects it by
     description: ClassVar[str]

@@ -49,12 +49,24 @@ class QemuVmmDriver(ProcessVmmDriver):
                 raise LuoError(errno.ENOENT, "no qemu-system-x86_64 on PATH: run scripts/setup.sh or give --qemu")
         return opts
 
+    pool_extents_max = 1  # one file memory backend: one contiguous extent at an offset
+
+    def pool_ok(self, spec: VmSpec) -> bool:
+        """From the pool only with a QEMU that maps part of a file (memory-backend-file ``offset``,
+        not 7.2's); a VM on another QEMU keeps a memfd of its own, as with ``--no-pool``."""
+        from luo.qemu.machine import supports_offset
+
+        return supports_offset(str(spec.options.get("qemu")))
+
     def vmm_argv(self, spec: VmSpec) -> list[str]:
         argv = [sys.executable, "-m", "luo", "--runtime-dir", str(self.runtime.root), "vmm", "run", "--vmm", "qemu",
                 "--name", spec.name, "--mem", str(spec.mem), "--cpus", str(spec.cpus)]
         for k in ("kernel", "initrd", "append", "qemu", "accel"):
             if spec.options.get(k) is not None:
                 argv += [f"--{k}", str(spec.options[k])]
+        if spec.options.get("pool_extents"):
+            argv += ["--pool-fd", str(spec.options["pool_fd"]),
+                     "--pool-extents", ",".join(f"{o:#x}+{n:#x}" for o, n in spec.options["pool_extents"])]
         return argv
 
     def successor_argv(self, vm: VmEntry, successor_cmd: list[str], channel_fd: int) -> list[str]:

@@ -174,8 +174,13 @@ class VmSupervisor:
             raise LuoError(errno.EEXIST, f"VM {name!r} is already running (pid {self.vms[name].pid})")
         pool = self.host.pool
         owner = VM_SESSION_PREFIX + name
-        if pool is not None and driver.takes_pool and not no_pool:  # guest RAM from the host's pool
+        if pool is not None and not no_pool and driver.pool_ok(spec):  # guest RAM from the host's pool
             extents = pool.allocate(owner, spec.mem)  # ENOMEM says what is free
+            if len(extents) > driver.pool_extents_max:
+                pool.free(owner)
+                raise LuoError(errno.ENOMEM, f"a {kind} VM's RAM must be at most {driver.pool_extents_max} "
+                               f"extent(s) of the pool, and no such run of {spec.mem >> 20} MiB is free (largest "
+                               f"free extent {pool.alloc.stats().largest_free >> 20} MiB); use --no-pool")
             spec.options.update(pool_fd=pool.memory.fd, pool_extents=[(e.offset, e.length) for e in extents])
             self.host.pool_changed()
         vdir = self.runtime.vm_dir(name)

@@ -176,7 +176,11 @@ def _build_machine(runtime: RuntimeDir, name: str, mem: int, cpus: int, ram_fd: 
 
         config = QemuConfig.from_info(info, os.environ.get("LUO_QEMU") or None)
         mode = choose_mode(info, config.qemu)
-        vm = QemuMachine.incoming(name, mem, cpus, ram_fd, runtime.vm_dir(name), config, mode)
+        extents = pool_extents(info)
+        if extents is not None and len(extents) != 1:
+            raise LuoError(errno.EINVAL, "a QEMU VM's RAM in the pool must be one extent")
+        vm = QemuMachine.incoming(name, mem, cpus, ram_fd, runtime.vm_dir(name), config, mode,
+                                  extents[0][0] if extents else None)
         # what this VMM registers with, after the switch (cpr: whether its QEMU can send cpr-transfer)
         info.update(qemu=config.qemu, qemu_pid=vm.proc.pid, cpr=config.cpr, mode=mode)
         if faults.enabled("qemu-successor-dies"):  # its QEMU gone before the migration: the switch must fall back
