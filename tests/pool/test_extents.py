@@ -360,3 +360,17 @@ def test_random_operations_keep_the_invariants() -> None:
         assert s.free + sum(s.allocated.values()) == s.total == area_length
         assert s.largest_free <= s.free
     assert scrubbed, "the walk reused freed space at least once"
+
+
+def test_scrub_dirty_scrubs_every_dirty_range_now_and_only_those() -> None:
+    calls: list[tuple[int, int]] = []
+    a = Allocator(0, 16 * GRANULE, lambda off, n: calls.append((off, n)))
+    a.alloc("vm:a", 2 * GRANULE)
+    a.alloc("vm:b", 2 * GRANULE)
+    a.free("vm:a")
+    assert calls == []  # freeing marks dirty only
+    assert a.scrub_dirty() == 2 * GRANULE
+    assert calls == [(0, 2 * GRANULE)]
+    assert a.stats().dirty_bytes == 0
+    a.alloc("vm:c", 2 * GRANULE)  # clean now: no second scrub
+    assert calls == [(0, 2 * GRANULE)]

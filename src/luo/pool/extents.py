@@ -301,6 +301,15 @@ class Allocator:
         self._normalize()
         return freed
 
+    def scrub_dirty(self) -> int:
+        """Scrub every dirty range now (not at its next allocation); returns the bytes scrubbed.
+        A failed scrub leaves its range dirty (LuoError), to be tried again at allocation."""
+        dirty = [(e.offset, e.end) for e in self._extents if e.state == "dirty"]
+        for start, end in dirty:
+            self._clean(start, end)
+        self._normalize()
+        return sum(end - start for start, end in dirty)
+
     def free_extent(self, offset: int) -> Extent:
         """The live extent starting at ``offset`` becomes dirty; ENOENT if none starts there."""
         i = self._live_at(offset)
