@@ -20,6 +20,7 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import emit, facts_line, machine_facts, median, percentile, short_runtime_dir, table
@@ -124,6 +125,15 @@ def main() -> int:
     args = ap.parse_args()
     facts = machine_facts()
     print(f"# bench/pool.py  {facts_line(facts)}", flush=True)
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    before = nr.read_text()
+    try:
+        return run(args, facts)
+    finally:  # the hosts here are killed, not stopped: the machine's huge pages as they were
+        nr.write_text(before)
+
+
+def run(args: argparse.Namespace, facts: dict[str, Any]) -> int:
     st = starts(args.starts, "2G:hugetlb")
     print(f"  start: pool median {median(st['pool']):.0f} ms, no-pool {median(st['no-pool']):.0f} ms", flush=True)
     tp = throughput(args.window, "2G:hugetlb")
