@@ -15,7 +15,6 @@ import libfdt
 import pytest
 
 from luo.errors import LuoError
-from luo.kho.builder import TreeWriter
 from luo.kho.reader import FdtReader
 from luo.pool.extents import GIGA_ORDER, Allocator, Extent
 from luo.pool.labels import ShardLabel
@@ -25,9 +24,9 @@ from luo.pool.memmap import (
     PoolMap,
     parse_pool_map,
     shard_records,
-    write_pool_map,
 )
 from luo.pool.spec import make_layout
+from luo.pool.tree import pool_dtb, read_pool_dtb
 
 M, G = 1 << 20, 1 << 30
 DTC = shutil.which("dtc")
@@ -47,17 +46,12 @@ def sample() -> PoolMap:
 
 
 def tree(m: PoolMap) -> bytes:
-    w = TreeWriter(4096)
-    w.begin("")
-    w.string("compatible", "kho-v1")
-    write_pool_map(w, m)
-    w.end()
-    return w.finish()
+    """The map on its own, as ``<runtime>/pool.dtb`` holds it."""
+    return pool_dtb(m)
 
 
 def parse(blob: bytes) -> PoolMap:
-    reader = FdtReader(blob)
-    return parse_pool_map(reader, reader.child(reader.root, POOL_MAP_NODE))
+    return read_pool_dtb(blob)
 
 
 def mutate(blob: bytes, change: Callable[[libfdt.Fdt], None]) -> bytes:

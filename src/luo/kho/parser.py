@@ -26,32 +26,32 @@ if TYPE_CHECKING:
 POOL_MAP_NODE = "pool-map"  # luo.pool.memmap.POOL_MAP_NODE: the pool's map, a child of the memory map
 
 
-class _Props:
+class Props:
     """One node's properties with typed, checked accessors that name the node on failure."""
 
     def __init__(self, reader: FdtReader, node: Node) -> None:
         self.path = node.path or "/"
         self.raw = reader.props(node)
 
-    def _get(self, name: str) -> bytes:
+    def get(self, name: str) -> bytes:
         if name not in self.raw:
             raise bad(f"node {self.path} has no {name!r} property.")
         return self.raw[name]
 
     def u32(self, name: str) -> int:
-        raw = self._get(name)
+        raw = self.get(name)
         if len(raw) != 4:
             raise bad(f"property {self.path}:{name} is {len(raw)} bytes long; a u32 is 4.")
         return unpack_u32(raw)
 
     def u64(self, name: str) -> int:
-        raw = self._get(name)
+        raw = self.get(name)
         if len(raw) != 8:
             raise bad(f"property {self.path}:{name} is {len(raw)} bytes long; a u64 is 8.")
         return unpack_u64(raw)
 
     def string(self, name: str) -> str:
-        return decode_string(self._get(name), f"property {self.path}:{name}")
+        return decode_string(self.get(name), f"property {self.path}:{name}")
 
     def expect_compatible(self, want: str) -> None:
         got = self.string("compatible")
@@ -90,7 +90,7 @@ def _expect_only_children(reader: FdtReader, node: Node, allowed: set[str]) -> d
 
 
 def _parse_file(reader: FdtReader, node: Node) -> FileRecord:
-    p = _Props(reader, node)
+    p = Props(reader, node)
     token = p.u64("token")
     if node.name != str(token):
         raise bad(f"node {node.path} holds token {token}; its name must be {str(token)!r}.")
@@ -105,7 +105,7 @@ def _parse_file(reader: FdtReader, node: Node) -> FileRecord:
     )
 
 
-def _meta(p: _Props, allowed: frozenset[str]) -> dict[str, str]:
+def _meta(p: Props, allowed: frozenset[str]) -> dict[str, str]:
     p.only(allowed, meta=True)
     return p.meta()
 
@@ -115,7 +115,7 @@ def _parse_files(reader: FdtReader, node: Node) -> tuple[FileRecord, ...]:
 
 
 def _parse_session(reader: FdtReader, node: Node) -> SessionRecord:
-    p = _Props(reader, node)
+    p = Props(reader, node)
     name = p.string("session-name")
     if node.name != node_name_for(name):
         raise bad(
@@ -125,7 +125,7 @@ def _parse_session(reader: FdtReader, node: Node) -> SessionRecord:
 
 
 def _parse_luo(reader: FdtReader, node: Node) -> LuoRecord:
-    p = _Props(reader, node)
+    p = Props(reader, node)
     p.expect_compatible(abi.LUO_COMPATIBLE)
     number = p.u64("liveupdate-number")
     p.only({"compatible", "liveupdate-number"})
@@ -134,20 +134,20 @@ def _parse_luo(reader: FdtReader, node: Node) -> LuoRecord:
     )
 
     subs_node = kids[compat.SUBSYSTEMS_NODE]
-    sp = _Props(reader, subs_node)
+    sp = Props(reader, subs_node)
     sp.expect_compatible(abi.SUBSYSTEMS_COMPATIBLE)
     subsystems = {k: sp.u64(k) for k in sp.raw if k != "compatible"}
     if reader.children(subs_node):
         raise bad(f"node {subs_node.path} must have no children.")
 
     fd_node = kids[compat.FILE_DESCRIPTORS_NODE]
-    fp = _Props(reader, fd_node)
+    fp = Props(reader, fd_node)
     fp.expect_compatible(abi.FILE_DESCRIPTORS_COMPATIBLE)
     fp.only({"compatible"})
     files = _parse_files(reader, fd_node)
 
     sess_node = kids[compat.SESSIONS_NODE]
-    ssp = _Props(reader, sess_node)
+    ssp = Props(reader, sess_node)
     ssp.expect_compatible(abi.LUO_SESSION_COMPATIBLE)
     ssp.only({"compatible"})
     sessions = tuple(_parse_session(reader, c) for c in reader.children(sess_node))
@@ -155,14 +155,14 @@ def _parse_luo(reader: FdtReader, node: Node) -> LuoRecord:
 
 
 def _parse_memory(reader: FdtReader, node: Node) -> list[MemoryRange]:
-    mp = _Props(reader, node)
+    mp = Props(reader, node)
     mp.expect_compatible(abi.KHO_MEMORY_MAP_COMPATIBLE)
     mp.only({"compatible"})
     out: list[MemoryRange] = []
     for c in reader.children(node):
         if c.name == POOL_MAP_NODE:
             continue  # the pool's map: parse_pool reads it
-        p = _Props(reader, c)
+        p = Props(reader, c)
         p.only({"fd-index", "size", "label"})
         if reader.children(c):
             raise bad(f"node {c.path} must have no children.")
@@ -184,7 +184,7 @@ def parse_tree(
     try:
         reader = FdtReader(blob)
         root = reader.root
-        _Props(reader, root).expect_compatible(abi.KHO_COMPATIBLE)
+        Props(reader, root).expect_compatible(abi.KHO_COMPATIBLE)
         memory = _parse_memory(reader, reader.child(root, compat.MEMORY_MAP_NODE))
         luo = _parse_luo(reader, reader.child(root, compat.LUO_NODE))
         validate(luo, memory, fd_count)

@@ -41,8 +41,8 @@ from typing import Protocol, cast
 
 from luo.abi import POOL_MAP_COMPATIBLE
 from luo.errors import LuoError
-from luo.kho.encoding import U32_MAX, unpack_u32, unpack_u64
-from luo.kho.parser import decode_string
+from luo.kho.encoding import U32_MAX
+from luo.kho.parser import Props
 from luo.kho.reader import FdtReader, Node, bad
 from luo.pool.extents import (
     GRANULE,
@@ -266,35 +266,13 @@ def write_pool_map(w: FdtWriter, m: PoolMap, name: str = POOL_MAP_NODE) -> None:
 # -- reading --------------------------------------------------------------------------------------
 
 
-class _Props:
-    """A node's properties, read strictly: every failure names the node and the property."""
+class _Props(Props):
+    """The tree parser's strict property reader, naming nodes as ``Node.where`` does."""
 
     def __init__(self, reader: FdtReader, node: Node, allowed: frozenset[str]) -> None:
+        super().__init__(reader, node)
         self.path = node.where
-        self.raw = reader.props(node)
-        for k in self.raw:
-            if k not in allowed:
-                raise bad(f"node {self.path} has an unknown property {k!r}.")
-
-    def get(self, name: str) -> bytes:
-        if name not in self.raw:
-            raise bad(f"node {self.path} has no {name!r} property.")
-        return self.raw[name]
-
-    def u32(self, name: str) -> int:
-        raw = self.get(name)
-        if len(raw) != 4:
-            raise bad(f"property {self.path}:{name} is {len(raw)} bytes long; a u32 is 4.")
-        return unpack_u32(raw)
-
-    def u64(self, name: str) -> int:
-        raw = self.get(name)
-        if len(raw) != 8:
-            raise bad(f"property {self.path}:{name} is {len(raw)} bytes long; a u64 is 8.")
-        return unpack_u64(raw)
-
-    def string(self, name: str) -> str:
-        return decode_string(self.get(name), f"property {self.path}:{name}")
+        self.only(allowed)
 
 
 def _children(reader: FdtReader, node: Node) -> dict[str, dict[int, Node]]:
