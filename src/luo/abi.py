@@ -103,7 +103,8 @@ POOL_SUBSYSTEM = "pool"  # u64: the pool's size in bytes, checked against its re
 # with ``--labels end``) is read by whichever luo comes next, and by nothing else: bump
 # POOL_LABEL_FORMAT on any change to a copy's layout; a luo that meets a format it does not know
 # refuses to read the labels (EINVAL), and the pool's shards stay as they are.
-POOL_SESSION = "luo:pool"
+HOST_SESSION_PREFIX = "luo:"  # the host's own sessions: a client's create or retrieve of one is EPERM
+POOL_SESSION = HOST_SESSION_PREFIX + "pool"
 POOL_LABEL_MAGIC = b"LUOLABEL"
 POOL_LABEL_FORMAT = 1
 

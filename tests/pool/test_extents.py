@@ -374,3 +374,13 @@ def test_scrub_dirty_scrubs_every_dirty_range_now_and_only_those() -> None:
     assert a.stats().dirty_bytes == 0
     a.alloc("vm:c", 2 * GRANULE)  # clean now: no second scrub
     assert calls == [(0, 2 * GRANULE)]
+
+
+def test_finish_keeps_what_the_caller_says_stays_preserved() -> None:
+    a = Allocator.from_preserved(0, 8 * GRANULE, [Extent(0, GRANULE, owner="vm:a", state="preserved"),
+                                                  Extent(GRANULE, GRANULE, owner="client:x", state="preserved")],
+                                 lambda off, n: None)
+    released = a.finish(keep=lambda owner: owner.startswith("vm:"))
+    assert [e.owner for e in released] == ["client:x"]
+    assert [e.state for e in a.extents_of("vm:a")] == ["preserved"]
+    assert a.claim("vm:a", 0).state == "claimed"  # a late VMM still gets its RAM back

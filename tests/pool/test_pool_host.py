@@ -276,3 +276,34 @@ def test_a_crashed_host_takes_the_pool_back_and_its_vm_claims_its_ram(make_host:
         more_beats(again, "a", 2)
     finally:
         again.stop()
+
+
+def test_a_vms_ram_goes_only_with_the_vm(make_host: Callable[..., HostProcess]) -> None:
+    """Nobody frees a guest's memory behind its VM: `pool free` of a VM's RAM, of a shard's, and a
+    second `vm start` over RAM still in the pool are refused; `vm stop` of a VM whose VMM died
+    releases it."""
+    import signal
+
+    host = make_host({"LUO_POOL": "512M:hugetlb", "LUO_POOL_SHARDS": "64M:devdax"})
+    host.luo("vm", "start", "a", "--mem", "256M", "--cpus", "1")
+    more_beats(host, "a", 1)
+    for owner, word in (("vm:a", "vm stop a"), ("shard:shard0", "shard")):
+        cp = host.luo("pool", "free", owner, check=False)
+        assert cp.returncode != 0 and word in cp.stderr, cp.stderr
+    vmm = next(v for v in host.client().status()["vms"] if v["name"] == "a")["pid"]
+    os.kill(vmm, signal.SIGKILL)  # the guest is gone; its RAM stays the VM's until the operator says
+    wait_for(lambda: next(v for v in host.client().status()["vms"] if v["name"] == "a")["link"] == "exited",
+             15, "the host to see the VMM gone")
+    cp = host.luo("vm", "start", "a", "--mem", "256M", "--cpus", "1", check=False)
+    assert cp.returncode != 0 and "still has RAM in the pool" in cp.stderr, cp.stderr
+    host.luo("vm", "stop", "a")
+    assert "vm:a" not in pool_of(host)["owners"]
+    host.luo("vm", "start", "a", "--mem", "256M", "--cpus", "1")
+    more_beats(host, "a", 2)
+
+
+def test_the_hosts_own_session_names_are_not_a_clients(make_host: Callable[..., HostProcess]) -> None:
+    host = make_host({"LUO_POOL": "32M:shmem"})
+    with pytest.raises(LuoError) as e:
+        host.client().create_session("luo:pool")
+    assert e.value.errno == errno.EPERM

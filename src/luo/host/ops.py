@@ -15,6 +15,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
+from luo.abi import HOST_SESSION_PREFIX
 from luo.core.participants import PROGRAM_MAX, SESSION_NAME_MAX
 from luo.errors import LuoError
 from luo.host import fields
@@ -25,8 +26,13 @@ if TYPE_CHECKING:
 
 
 def _name(msg: dict[str, Any]) -> str:
-    """A session name: the kernel's is a NUL-terminated ``char name[64]``."""
-    return fields.text(msg, "name", SESSION_NAME_MAX)
+    """A client's session name: the kernel's is a NUL-terminated ``char name[64]``; names starting
+    with ``luo:`` are the host's own (the memory pool's memfd crosses in one), EPERM (a luo rule
+    the kernel does not have)."""
+    name = fields.text(msg, "name", SESSION_NAME_MAX)
+    if name.startswith(HOST_SESSION_PREFIX):
+        raise LuoError(errno.EPERM, f"session names starting with {HOST_SESSION_PREFIX!r} are the host's own")
+    return name
 
 
 def _program(msg: dict[str, Any]) -> str:

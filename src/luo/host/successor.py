@@ -40,7 +40,7 @@ from luo.host.tree import tree_for
 from luo.host.wire import error_reply, ok, recv_msg, send_msg
 from luo.keeper.store import FdStore, open_store
 from luo.kho import parse_tree, required_compatibles
-from luo.pool.host import pool_from_handover, take_over
+from luo.pool.host import HUGEPAGES_FILE, pool_from_handover, take_over
 from luo.protocol import host_successor as hs
 from luo.protocol.host_successor import incoming
 from luo.protocol.table import Cursor, ProtocolError
@@ -121,8 +121,11 @@ class Incoming:
         self.fds = []
         if self.host is not None:
             self.host.listener.close()
-            if self.host.pool is not None:  # our dup of the pool's memfd; a pool made here goes entirely
-                self.host.pool.memory.close(give_back=self.host.pool.memory.hugepages_added > 0)
+            pool = self.host.pool
+            if pool is not None:  # our dup of the pool's memfd; a pool made here goes entirely
+                pool.memory.close(give_back=pool.created_here)
+                if pool.created_here:
+                    (self.runtime.root / HUGEPAGES_FILE).unlink(missing_ok=True)
             self.host = None
 
     def prepare(self, ch: socket.socket, msg: dict, fds: list[int]) -> None:
@@ -194,7 +197,10 @@ def run_successor(channel_fd: int, runtime: RuntimeDir) -> int:
     announced = faults.values("successor-protocol")
     protocol = int(announced[0]) if announced else HANDOVER_PROTOCOL
     predecessor = Watched(runtime.read_pid() or os.getppid())  # the host that started us
-    return SuccessorEnd(ch, inc, predecessor, protocol).run()
+    try:
+        return SuccessorEnd(ch, inc, predecessor, protocol).run()
+    finally:  # did not serve (serving ends in exit_now): what was built for the update goes
+        inc.release()
 
 
 @dataclass

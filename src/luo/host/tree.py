@@ -3,6 +3,7 @@ pool's map, when the host has a pool)."""
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from luo.abi import MEMFD_COMPATIBLE, POOL_SESSION
@@ -29,7 +30,12 @@ def pool_map(host: Host, record: LuoRecord) -> PoolMap | None:
 
     index = next((f.fd_index for s in record.sessions if s.name == POOL_SESSION for f in s.files
                   if f.token == POOL_TOKEN), None)
-    return None if index is None else host.pool.map(index)
+    if index is None:  # the update would lose the pool: refuse it (at prepare) instead
+        from luo.errors import LuoError
+
+        raise LuoError(errno.EIO, f"the memory pool's memfd is not in session {POOL_SESSION!r}: an update now "
+                       "would not carry the pool; see the host's log")
+    return host.pool.map(index)
 
 
 def tree_for(record: LuoRecord, pool: PoolMap | None = None) -> bytes:

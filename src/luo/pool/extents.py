@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -301,10 +301,14 @@ class Allocator:
         self._normalize()
         return freed
 
-    def scrub_dirty(self) -> int:
-        """Scrub every dirty range now (not at its next allocation); returns the bytes scrubbed.
-        A failed scrub leaves its range dirty (LuoError), to be tried again at allocation."""
+    def scrub_dirty(self, within: Sequence[Extent] | None = None) -> int:
+        """Scrub dirty ranges now (not at their next allocation): all, or those inside ``within``
+        (say, what was just freed); returns the bytes scrubbed. A failed scrub leaves its range
+        dirty (LuoError), to be tried again at allocation."""
         dirty = [(e.offset, e.end) for e in self._extents if e.state == "dirty"]
+        if within is not None:
+            dirty = [(max(s, w.offset), min(t, w.end)) for s, t in dirty for w in within
+                     if max(s, w.offset) < min(t, w.end)]
         for start, end in dirty:
             self._clean(start, end)
         self._normalize()
@@ -375,11 +379,13 @@ class Allocator:
             raise LuoError(errno.ENOENT, f"no extent of the pool was preserved for {owner}.")
         return [self.claim(owner, e.offset) for e in waiting]
 
-    def finish(self) -> list[Extent]:
-        """LUO finish: every extent nobody claimed is released (dirty); returns them as they were."""
-        released = [e for e in self._extents if e.state == "preserved"]
+    def finish(self, keep: Callable[[str], bool] = lambda owner: False) -> list[Extent]:
+        """LUO finish: every extent nobody claimed is released (dirty), but those of owners ``keep``
+        names (they stay preserved, for their owner to claim later); returns the released."""
+        released = [e for e in self._extents if e.state == "preserved" and not keep(e.owner)]
         self._extents = [
-            Extent(e.offset, e.length, state="dirty") if e.state == "preserved" else e for e in self._extents
+            Extent(e.offset, e.length, state="dirty") if e.state == "preserved" and not keep(e.owner) else e
+            for e in self._extents
         ]
         self._normalize()
         return released

@@ -60,10 +60,24 @@ def _created(runtime_root: Path, pool: PoolService | None) -> PoolService | None
 
 
 def stop_pool(runtime_root: Path, pool: PoolService) -> None:
-    """A host that stops for good (not handed over): the pool goes with it (VMMs that still map it
-    keep their pages until they exit), and the huge pages its creator added go back."""
-    pool.memory.close(give_back=True)
-    (runtime_root / HUGEPAGES_FILE).unlink(missing_ok=True)
+    """A host that stops for good (not handed over): its fd of the pool goes (VMMs that still map
+    it, and the fd store, keep the pages), and of the huge pages the pool's creator added, those
+    no longer in use go back; the rest stay recorded for whichever host takes the pool back."""
+    from luo.pool.memory import give_back_hugepages
+
+    added = pool.memory.hugepages_added
+    pool.memory.close(give_back=False)
+    try:
+        left = added - give_back_hugepages(added)
+    except LuoError as e:
+        log.warning("pool: cannot give back huge pages: %s", e)
+        left = added
+    if left > 0:
+        from luo.host.runtime import write_atomic
+
+        write_atomic(runtime_root / HUGEPAGES_FILE, f"{left}\n")
+    else:
+        (runtime_root / HUGEPAGES_FILE).unlink(missing_ok=True)
 
 
 def asked_layout(env: dict[str, str] | None = None) -> Layout | None:
@@ -93,7 +107,12 @@ def pool_from_handover(blob: bytes, fds: list[int], runtime_root: Path) -> PoolS
     pmap = parse_pool(blob, fd_count=len(fds))
     if pmap is None:
         return _created(runtime_root, create_pool(asked))
-    return PoolService.adopt(pmap, os.dup(fds[pmap.fd_index]), asked, _hugepages_added(runtime_root))
+    fd = os.dup(fds[pmap.fd_index])
+    try:
+        return PoolService.adopt(pmap, fd, asked, _hugepages_added(runtime_root))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def pool_at_start(runtime_root: Path, orch: Orchestrator, recovered: dict[str, Any]) -> PoolService | None:
@@ -117,7 +136,12 @@ def pool_at_start(runtime_root: Path, orch: Orchestrator, recovered: dict[str, A
         raise LuoError(errno.EIO, f"the pool's memfd came back from the fd store, but its map "
                        f"{runtime_root / 'pool.dtb'} cannot be read ({e}); refusing to guess whose memory is "
                        "whose") from None
-    pool = PoolService.adopt(pmap, os.dup(fd), asked, _hugepages_added(runtime_root))
+    mine = os.dup(fd)
+    try:
+        pool = PoolService.adopt(pmap, mine, asked, _hugepages_added(runtime_root))
+    except BaseException:
+        os.close(mine)
+        raise
     recovered.pop(abi.POOL_SESSION)  # the host's own: no client will claim it
     log.warning("pool: taken back after a crash of the previous host: %d extents wait for their owners",
                 len(pmap.extents))
@@ -129,7 +153,12 @@ def preserve_pool(orch: Orchestrator, pool: PoolService) -> None:
     from luo.core.participants import Owner
 
     h = orch.create_session(abi.POOL_SESSION, Owner(pid=os.getpid(), comm="luod", program="the memory pool"))
-    h.preserve_fd(os.dup(pool.memory.fd), POOL_TOKEN)
+    fd = os.dup(pool.memory.fd)
+    try:
+        h.preserve_fd(fd, POOL_TOKEN)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def take_over(orch: Orchestrator, pool: PoolService) -> None:
@@ -237,12 +266,19 @@ def install(host: Host) -> None:
         return ok(extent=_extent(e)), [os.dup(pool.memory.fd)]
 
     def pool_free(c: Conn, msg: dict, fds: list[int]) -> Reply:
+        """Free an owner's extents. A VM's RAM only with ``force``, and never while its VM is known
+        (``luo vm stop`` frees it): after a crash or an update its VMM may not have registered yet."""
         fields.no_fds(fds, "pool_free")
         pool = _pool(host)
         owner = fields.text(msg, "owner", 64)
-        if owner.startswith(abi.VM_SESSION_PREFIX) and host.vms is not None and owner[3:] in host.vms.vms \
-                and host.vms.vms[owner[3:]].conn is not None:
-            raise LuoError(errno.EBUSY, f"{owner} is a running VM's RAM: `luo vm stop` frees it")
+        force = fields.boolean(msg, "force", False)
+        if owner.startswith(abi.VM_SESSION_PREFIX):
+            name = owner[len(abi.VM_SESSION_PREFIX):]
+            if host.vms is not None and (name in host.vms.vms or name in host.vms.expected):
+                raise LuoError(errno.EBUSY, f"{owner} is the RAM of VM {name!r}: `luo vm stop {name}` frees it")
+            if not force:
+                raise LuoError(errno.EBUSY, f"{owner} is a VM's RAM, whose VMM may still run and register again; "
+                               "free it with --force only once that VM is surely gone")
         freed = pool.free(owner)
         if not freed:
             raise LuoError(errno.ENOENT, f"{owner} holds nothing in the pool")
@@ -290,7 +326,7 @@ def install(host: Host) -> None:
 
     def pool_shard_release(c: Conn, msg: dict, fds: list[int]) -> Reply:
         fields.no_fds(fds, "pool_shard_release")
-        _pool(host).shard_release(fields.text(msg, "name", 15))
+        _pool(host).shard_release(fields.text(msg, "name", 15), fields.text(msg, "owner", 64))
         host.pool_changed()
         return ok(), []
 

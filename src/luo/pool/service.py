@@ -53,13 +53,14 @@ class PoolService:
     label_generation: int = 0
     frozen: bool = False  # an update is under way: the map is the successor's already
     claimed_at_start: int = 0  # extents taken back at takeover by the host for VMs and shards
+    created_here: bool = False  # made by this process (not handed over): its to undo if it never serves
 
     # -- making one --------------------------------------------------------------------------
     @classmethod
     def create(cls, layout: Layout) -> PoolService:
         memory = PoolMemory.create(layout.pool.size, layout.pool.backing)
         start, length = layout.general
-        svc = cls(memory, layout, Allocator(start, length, memory.scrub))
+        svc = cls(memory, layout, Allocator(start, length, memory.scrub), created_here=True)
         if layout.labels == "end":
             svc._write_labels()  # an empty, valid label area: what the pool says from the start
         log.info("pool: %s created (%d MiB, %s)", layout.describe(), layout.pool.size >> 20, layout.pool.backing)
@@ -140,16 +141,20 @@ class PoolService:
         next owner's start (a 1 GiB hugetlb extent takes about 0.1 s). A scrub that fails leaves
         the range dirty, scrubbed again before it is handed out."""
         self._changing("free pool memory")
+        if owner.startswith((SHARD_OWNER_PREFIX, MOUNT_OWNER_PREFIX)):
+            raise LuoError(errno.EPERM, f"{owner}'s memory is a shard's: `luo pool shard delete` (or umount) it")
         freed = self.alloc.free(validate_owner(owner))
         try:
-            self.alloc.scrub_dirty()
+            self.alloc.scrub_dirty(freed)  # only what was freed: the rest waits for its allocation
         except LuoError as e:
             log.warning("pool: scrubbing what %s freed failed (%s); it is scrubbed before its next use", owner, e)
         return freed
 
     def finish(self) -> list[Extent]:
-        """LUO finish: what no owner claimed is released (scrubbed before its next use)."""
-        released = self.alloc.finish()
+        """LUO finish: what no owner claimed is released (scrubbed before its next use), except a
+        VM's RAM: its VMM may register late (a fallback, a slow successor), and a guest's memory is
+        only ever released by ``luo vm stop`` (or ``luo pool free --force`` once it is surely gone)."""
+        released = self.alloc.finish(keep=lambda owner: owner.startswith(VM_OWNER_PREFIX))
         for e in released:
             log.warning("pool: %s of %s was never claimed after the update; released", _span(e), e.owner)
         return released
@@ -211,9 +216,14 @@ class PoolService:
         fsdax.umount(Path(s.owner[len(MOUNT_OWNER_PREFIX):]))
         self.shard_owners.pop(name, None)
 
-    def shard_release(self, name: str) -> None:
+    def shard_release(self, name: str, owner: str) -> None:
+        """``owner`` gives its shard back (EPERM for someone else's; a mount goes by umount)."""
+        s = self.shard(name)
+        if s.owner.startswith(MOUNT_OWNER_PREFIX):
+            raise LuoError(errno.EBUSY, f"shard {name} is mounted ({s.owner[len(MOUNT_OWNER_PREFIX):]}): umount it")
+        if s.owner != owner:
+            raise LuoError(errno.EPERM, f"shard {name} belongs to {s.owner or 'nobody'}, not {owner}")
         self._changing("release a shard")
-        self.shard(name)
         self.shard_owners.pop(name, None)
 
     def shard_create(self, size: int, mode: str) -> ShardRecord:

@@ -308,6 +308,9 @@ class QemuMachine:
 
     def use_mode(self, mode: str) -> None:
         """On the old QEMU, at prepare (outside the blackout): the successor waits in ``mode``."""
+        if self.set_up_pending:  # left over from the resume that brought the guest here
+            self._require_shared_migration()
+            self.set_up_pending = False
         if mode not in MODES or (mode == MODE_CPR and not self.config.cpr):
             raise LuoError(errno.EPROTO, f"the successor asks for migration mode {str(mode)[:40]!r}, which "
                            f"QEMU {self.config.qemu} of {self.name} cannot send")
@@ -333,9 +336,13 @@ class QemuMachine:
         self.running = True
         self.live_switch = False
         self.timings["resume"] = round((time.perf_counter() - t0) * 1000, 3)
-        if self.set_up_pending:  # off the blackout: the guest runs already
-            self.set_up_pending = False
-            self._require_shared_migration()
+        if self.set_up_pending:  # off the blackout: the guest runs already, so nothing may fail now
+            try:
+                self._require_shared_migration()
+                self.set_up_pending = False
+            except LuoError as e:  # tried again at the next update's prepare (use_mode)
+                log.warning("vm %s: QEMU's migration set-up failed after the resume (%s); retried at the next "
+                            "update", self.name, e)
 
     def pause(self) -> None:
         """Stop the guest, unless a successor waits for it (then ``save`` migrates it running)."""

@@ -172,8 +172,14 @@ class VmSupervisor:
         no_pool = fields.boolean(msg, "no_pool", False)
         if name in self.vms and self.vms[name].conn is not None:
             raise LuoError(errno.EEXIST, f"VM {name!r} is already running (pid {self.vms[name].pid})")
+        if name in self.expected and name not in self.vms:
+            raise LuoError(errno.EEXIST, f"VM {name!r} crossed the last update and its VMM has not registered yet")
         pool = self.host.pool
         owner = VM_SESSION_PREFIX + name
+        if pool is not None and pool.alloc.extents_of(owner):
+            raise LuoError(errno.EEXIST, f"VM {name!r} still has RAM in the pool (its VMM may register again after "
+                           f"a crash or an update); `luo vm stop {name}`, or `luo pool free {owner} --force` once "
+                           "it is surely gone")
         if pool is not None and not no_pool and driver.pool_ok(spec):  # guest RAM from the host's pool
             extents = pool.allocate(owner, spec.mem)  # ENOMEM says what is free
             if len(extents) > driver.pool_extents_max:
@@ -184,8 +190,8 @@ class VmSupervisor:
             spec.options.update(pool_fd=pool.memory.fd, pool_extents=[(e.offset, e.length) for e in extents])
             self.host.pool_changed()
         vdir = self.runtime.vm_dir(name)
-        vdir.mkdir(parents=True, exist_ok=True)
         try:
+            vdir.mkdir(parents=True, exist_ok=True)
             proc = driver.start(spec, vdir)
         except BaseException:
             self._release_ram(name)
@@ -215,6 +221,9 @@ class VmSupervisor:
         fields.no_fds(fds, "vm_stop")
         name = _name(msg)
         v = self.vms.get(name)
+        if v is not None and v.conn is None and v.proc is not None and v.proc.poll() is not None:
+            self._release_ram(name)  # its VMM (started by this host) is dead: nothing runs the guest
+            return ok(), []
         if v is None or v.conn is None:
             raise LuoError(errno.ENOENT, f"no running VM {name!r}")
         if v.link.state in hv.HOST_IN_UPDATE:
@@ -229,7 +238,11 @@ class VmSupervisor:
         only once its VMM is gone, never while a guest may run on them."""
         pool = self.host.pool
         if pool is not None and pool.alloc.extents_of(VM_SESSION_PREFIX + name):
-            pool.free(VM_SESSION_PREFIX + name)
+            try:
+                pool.free(VM_SESSION_PREFIX + name)
+            except LuoError as e:  # (EBUSY: an update is under way) the extents stay, said so
+                log.error("vm %s: its pool memory is not released (%s); `luo pool free vm:%s --force` after "
+                          "the update", name, e, name)
             self.host.pool_changed()
 
     def op_wait_update(self, c: Conn, msg: dict, fds: list[int]) -> Reply:
