@@ -59,7 +59,7 @@ def cmd_pool_alloc(args: argparse.Namespace) -> int:
 
 def cmd_pool_free(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        freed = lp.free(c, args.owner)
+        freed = lp.free(c, args.owner, args.force)
     print(f"{args.owner}: {len(freed)} extent(s) freed ({_mib(sum(e.length for e in freed))}), scrubbed before reuse")
     return 0
 
@@ -121,6 +121,8 @@ def add_pool_commands(sub: Any) -> None:
     s.add_argument("size")
     s = sp(psub, "free", cmd_pool_free, "free every extent of an owner (scrubbed before reuse)")
     s.add_argument("owner")
+    s.add_argument("--force", action="store_true",
+                   help="also a VM's RAM the host no longer knows (after a crash, a VM whose VMM never came back)")
     shard = psub.add_parser("shard", help="shards of the pool")
     ssub = shard.add_subparsers(dest="shard_command", required=True)
     s = sp(ssub, "list", cmd_shard_list, "list the shards")

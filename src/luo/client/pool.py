@@ -44,8 +44,10 @@ def claim(c: Client, owner: str, offset: int) -> tuple[int, Extent]:
     return fds[0], _extent(reply["extent"])
 
 
-def free(c: Client, owner: str) -> list[Extent]:
-    reply, _ = c.call("pool_free", owner=owner, retry=False)
+def free(c: Client, owner: str, force: bool = False) -> list[Extent]:
+    """Give back ``owner``'s extents (scrubbed at once). A VM's RAM needs ``force`` (and is refused
+    while the host knows the VM: ``luo vm stop`` frees it)."""
+    reply, _ = c.call("pool_free", owner=owner, force=force, retry=False)
     return [_extent(e) for e in reply["freed"]]
 
 
