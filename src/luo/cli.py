@@ -142,7 +142,8 @@ def cmd_kho_dump(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from luo.demo import run_demo
 
-    return run_demo(args.mem, args.cpus, args.updates, args.runtime_dir, qemu=not args.no_qemu)
+    return run_demo(args.mem, args.cpus, args.updates, args.runtime_dir, qemu=not args.no_qemu,
+                    pool=None if args.pool == "none" else args.pool)
 
 
 def cmd_qualify(args: argparse.Namespace) -> int:
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--cpus", type=int, default=2)
     dm.add_argument("--updates", type=int, default=5)
     dm.add_argument("--no-qemu", action="store_true", help="only our VMM's guest, no QEMU VM")
+    dm.add_argument("--pool", default="2G:hugetlb", help="the host's memory pool the guests run from ('none': none)")
     q = add("qualify", cmd_qualify, "qualify live update from one installation of luo to another")
     q.add_argument("--from", dest="from_cmd", default=None, metavar="CMD",
                    help="the luo command of the installation to update from (default: this one)")

@@ -5,6 +5,10 @@ workload on vCPU 1) and, when the set-up's QEMU guest is there, a stock Linux gu
 (the same heartbeat and integrity lines), updates host and VMMs (QEMU itself too) N times while
 the guests run, and shows from each guest's own console that it went on: same boot id, no
 heartbeat gap, no integrity mismatch, no stall.
+
+The host has a memory pool of hugetlb pages (``--pool``; docs/pool.md) and the guests' RAM comes
+from it; the QEMU VM runs on the set-up's QEMU 10 when it is there (cpr-transfer, RAM from the
+pool), else on the system's QEMU (x-ignore-shared, RAM in a memfd of its own).
 """
 
 from __future__ import annotations
@@ -21,15 +25,19 @@ HB_MS = 100.0
 
 
 def run_demo(mem: str = "1G", cpus: int = 2, updates: int = 5, runtime_dir: str | None = None,
-             integrity_pct: int = 30, qemu: bool = True) -> int:
+             integrity_pct: int = 30, qemu: bool = True, pool: str | None = "2G:hugetlb") -> int:
     root = Path(runtime_dir) if runtime_dir else Path(tempfile.mkdtemp(prefix="luo-demo-", dir="/tmp")) / "rt"
-    host = HostProcess(root)
-    print(f"== luo demo: runtime dir {root}")
+    host = HostProcess(root, {"LUO_POOL": pool} if pool else {})
+    print(f"== luo demo: runtime dir {root}" + (f", memory pool {pool}" if pool else ""))
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    huge = nr.read_text() if nr.exists() else None
     host.start()
     try:
         return _demo(host, mem, cpus, updates, integrity_pct, qemu and _qemu_ready())
     finally:
         host.stop()
+        if huge is not None:  # the host is killed, not stopped: the machine's huge pages as they were
+            nr.write_text(huge)
 
 
 def _show(vm: str, line: str) -> None:
@@ -57,8 +65,14 @@ def _demo(host: HostProcess, mem: str, cpus: int, updates: int, integrity_pct: i
     print(host.luo("vm", "start", "demo", "--mem", mem, "--cpus", str(cpus), "--cmdline", cmdline).stdout.strip())
     if qemu:
         vms["linux"] = QEMU_MARGIN_MS
+        newer = Path(__file__).resolve().parents[2] / ".cache" / "qemu-10" / "qemu-system-x86_64"
         print(host.luo("vm", "start", "linux", "--vmm", "qemu", "--mem", "512M", "--cpus", "1",
-                       timeout=180).stdout.strip())
+                       *(["--qemu", str(newer)] if newer.exists() else []), timeout=180).stdout.strip())
+    st = host.client().status()
+    if "pool" in st:
+        from luo.cli_pool import format_pool
+
+        print("\n".join(format_pool(st["pool"])))
     cons = {n: host.console(n) for n in vms}
     for n, con in cons.items():
         wait_for(lambda con=con: con.count() >= 3, 60, f"{n}'s first heartbeats")

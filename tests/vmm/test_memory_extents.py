@@ -210,7 +210,14 @@ def test_real_guest_on_extents_through_a_restore(pool_fd: int) -> None:
         rec = old.save()
         before = snapshot(old)
         new.restore(rec)
-        assert_same(before, snapshot(new))
+        after = snapshot(new)
+        # This guest arms its LAPIC timer, which keeps running in the kernel of both VMs while they
+        # are paused: an expiry between the save and either snapshot sets a bit in one LAPIC's IRR
+        # and not the other's (it failed so in one CI run). The guest going on below proves the
+        # restore; the exact comparison of the LAPIC is the counter guest's (test_vmm_save_restore).
+        for k in [k for k in before if k.endswith(".lapic")]:
+            del before[k], after[k]
+        assert_same(before, after)
         old.stop()
         new.start()
         assert sink.wait_for(r"^heartbeat ", 30, start=n), sink.lines[-5:]
