@@ -7,13 +7,8 @@ import json
 import os
 from typing import Any
 
+from luo.cli_vm import host_client, subcommand
 from luo.client import pool as lp
-
-
-def _client(args: argparse.Namespace):  # noqa: ANN202
-    from luo.client import Client
-
-    return Client(args.runtime_dir, timeout=args.connect_timeout)
 
 
 def _mib(n: int) -> str:
@@ -40,7 +35,7 @@ def format_pool(p: dict[str, Any]) -> list[str]:
 
 
 def cmd_pool_status(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         p = lp.status(c)
     print(json.dumps(p, indent=2) if args.json else "\n".join(format_pool(p)))
     return 0
@@ -49,7 +44,7 @@ def cmd_pool_status(args: argparse.Namespace) -> int:
 def cmd_pool_alloc(args: argparse.Namespace) -> int:
     from luo.host.fields import parse_size
 
-    with _client(args) as c:
+    with host_client(args) as c:
         fd, extents = lp.alloc(c, args.owner, parse_size("size", args.size))
     os.close(fd)
     for e in extents:
@@ -58,14 +53,14 @@ def cmd_pool_alloc(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_free(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         freed = lp.free(c, args.owner, args.force)
     print(f"{args.owner}: {len(freed)} extent(s) freed ({_mib(sum(e.length for e in freed))}), scrubbed before reuse")
     return 0
 
 
 def cmd_shard_list(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         shards = lp.shards(c)
     if args.json:
         print(json.dumps(shards, indent=2))
@@ -77,21 +72,21 @@ def cmd_shard_list(args: argparse.Namespace) -> int:
 def cmd_shard_create(args: argparse.Namespace) -> int:
     from luo.host.fields import parse_size
 
-    with _client(args) as c:
+    with host_client(args) as c:
         s = lp.shard_create(c, parse_size("size", args.size), args.mode)
     print(f"{s['name']}: {s['mode']} {_mib(s['size'])} at {s['offset']:#x} (written to the pool's labels)")
     return 0
 
 
 def cmd_shard_delete(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         lp.shard_delete(c, args.name)
     print(f"{args.name}: deleted; its memory is scrubbed before reuse")
     return 0
 
 
 def cmd_shard_mount(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         reply, _ = c.call("pool_shard_mount", name=args.name, dir=os.path.abspath(args.dir), retry=False)
     s = reply["shard"]
     print(f"{s['name']}: ext4 on {_mib(s['size'])} of the pool at {s['offset']:#x}, mounted on {args.dir}")
@@ -99,18 +94,14 @@ def cmd_shard_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_shard_umount(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         c.call("pool_shard_umount", name=args.name, retry=False)
     print(f"{args.name}: unmounted; its file system stays in the shard")
     return 0
 
 
 def add_pool_commands(sub: Any) -> None:
-    def sp(parent: Any, name: str, fn: Any, help: str) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help)
-        p.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.set_defaults(fn=fn)
-        return p
+    sp = subcommand
 
     pool = sub.add_parser("pool", help="the host's memory pool (luo host --pool)")
     psub = pool.add_subparsers(dest="pool_command", required=True)

@@ -12,14 +12,14 @@ from luo.errors import LuoError
 from luo.host.status_text import guest_state
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202
+def host_client(args: argparse.Namespace):  # noqa: ANN202
     from luo.client import Client
 
     return Client(args.runtime_dir, timeout=args.connect_timeout)
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         extra = {k: getattr(args, k) for k in ("kernel", "initrd", "append", "qemu", "accel")} \
             if args.vmm == "qemu" else {}
         reply, _ = c.call("vm_start", name=args.name, vmm=args.vmm, mem=args.mem, cpus=args.cpus, image=args.image,
@@ -32,7 +32,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         reply, _ = c.call("vm_list")
     if args.json:
         print(json.dumps(reply["vms"], indent=2))
@@ -44,7 +44,7 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_stop(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with host_client(args) as c:
         c.call("vm_stop", name=args.name)
     print(f"vm {args.name} stopped")
     return 0
@@ -116,13 +116,18 @@ def cmd_vmm_successor(args: argparse.Namespace) -> int:
     return run_successor(args.runtime_dir, args.name, args.channel)
 
 
+def subcommand(parent: Any, name: str, fn: Any, help: str | None) -> argparse.ArgumentParser:
+    """A leaf command of a command group (``luo vm start``, ``luo pool status``), which takes the
+    global ``--runtime-dir`` after its name too."""
+    kw: dict[str, Any] = {"help": help} if help else {}
+    p = parent.add_parser(name, **kw)
+    p.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(fn=fn)
+    return p
+
+
 def add_vm_commands(sub: Any) -> None:
-    def sp(parent: Any, name: str, fn: Any, help: str | None) -> argparse.ArgumentParser:
-        kw: dict[str, Any] = {"help": help} if help else {}
-        p = parent.add_parser(name, **kw)
-        p.add_argument("--runtime-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.set_defaults(fn=fn)
-        return p
+    sp = subcommand
 
     vm = sub.add_parser("vm", help="VMs under the host")
     vsub = vm.add_subparsers(dest="vm_command", required=True)
